@@ -1,0 +1,1 @@
+"""Launchers (local, SLURM, Kubernetes), sweeps and metrics."""

@@ -1,0 +1,24 @@
+"""Local multi-process launch: re-run the `calmrl train` command under torchrun."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from pretrain.trainer import free_port
+
+
+def torchrun_command(nproc: int, train_args: list[str], port: int | None = None) -> list[str]:
+    """torchrun on loopback (static rendezvous on 127.0.0.1) running `calmrl train ARGS`."""
+    return [
+        sys.executable, "-m", "torch.distributed.run",
+        "--nnodes=1", f"--nproc-per-node={nproc}",
+        "--master-addr=127.0.0.1", f"--master-port={port or free_port()}",
+        "-m", "pretrain.cli", "train", *train_args,
+    ]
+
+
+def launch_local(nproc: int, train_args: list[str]) -> int:
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    return subprocess.call(torchrun_command(nproc, train_args), env=env)

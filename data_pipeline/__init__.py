@@ -1,0 +1,1 @@
+"""Shard writing, streaming reading and decoding of incomplete image/text/audio tuples."""

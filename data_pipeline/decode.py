@@ -1,0 +1,98 @@
+"""Decoding of one modality from the bytes stored in a shard.
+
+Images go through PIL, audio through soundfile (ogg/flac/wav) and librosa
+(resampling and log-mel), text through a `tokenizers` tokenizer. Each function
+raises `DecodeError` naming what failed; the reader adds the sample key and
+shard.
+"""
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import librosa
+import numpy as np
+import soundfile
+import torch
+from PIL import Image
+
+IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
+AUDIO_EXTENSIONS = ("flac", "ogg", "wav")
+TEXT_EXTENSIONS = ("txt",)
+
+
+class DecodeError(ValueError):
+    """The bytes of one modality of one sample cannot be decoded."""
+
+
+@dataclass(frozen=True)
+class AudioFormat:
+    sample_rate: int
+    seconds: float
+    n_mels: int
+    n_fft: int
+    hop_length: int
+
+    @property
+    def num_samples(self) -> int:
+        return int(round(self.sample_rate * self.seconds))
+
+    @property
+    def num_frames(self) -> int:
+        # librosa centres frames: one frame per hop plus the first.
+        return 1 + self.num_samples // self.hop_length
+
+
+def decode_image(data: bytes, size: int) -> torch.Tensor:
+    """PNG/JPEG bytes -> float [3, size, size] in [-1, 1]."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img = img.convert("RGB")
+            if img.size != (size, size):
+                img = img.resize((size, size), Image.Resampling.BICUBIC)
+            array = np.asarray(img, dtype=np.float32)
+    except Exception as exc:  # PIL raises many types for bad bytes
+        raise DecodeError(f"image does not decode ({type(exc).__name__}: {exc})") from exc
+    tensor = torch.from_numpy(array).permute(2, 0, 1)
+    return tensor / 127.5 - 1.0
+
+
+def load_waveform(data: bytes, sample_rate: int) -> np.ndarray:
+    """Audio file bytes -> mono float32 waveform at `sample_rate`."""
+    try:
+        wave, rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
+    except Exception as exc:
+        raise DecodeError(f"audio does not decode ({type(exc).__name__}: {exc})") from exc
+    if wave.shape[0] == 0:
+        raise DecodeError("audio holds no samples")
+    mono = wave.mean(axis=1)
+    if rate != sample_rate:
+        mono = librosa.resample(mono, orig_sr=rate, target_sr=sample_rate)
+    return mono.astype(np.float32, copy=False)
+
+
+def log_mel(wave: np.ndarray, fmt: AudioFormat) -> torch.Tensor:
+    """Waveform -> log-mel [n_mels, num_frames], cropped or zero-padded to fmt.seconds."""
+    n = fmt.num_samples
+    if wave.shape[0] >= n:
+        wave = wave[:n]
+    else:
+        wave = np.pad(wave, (0, n - wave.shape[0]))
+    mel = librosa.feature.melspectrogram(
+        y=wave, sr=fmt.sample_rate, n_fft=fmt.n_fft, hop_length=fmt.hop_length, n_mels=fmt.n_mels
+    )
+    return torch.from_numpy(np.log(mel + 1e-6).astype(np.float32))
+
+
+def decode_audio(data: bytes, fmt: AudioFormat) -> torch.Tensor:
+    return log_mel(load_waveform(data, fmt.sample_rate), fmt)
+
+
+def decode_text(data: bytes) -> str:
+    try:
+        text = data.decode("utf-8").strip()
+    except UnicodeDecodeError as exc:
+        raise DecodeError(f"caption is not UTF-8 ({exc})") from exc
+    if not text:
+        raise DecodeError("caption is empty")
+    return text

@@ -1,0 +1,140 @@
+"""Writing WebDataset shards atomically, with an index of counts per missing pattern.
+
+A shard is written to `NAME.tar.tmp` and renamed to `NAME.tar` only once it is
+complete, so a crash never leaves a half-written shard under its final name.
+The index (`index.json`) is written last, the same way: a split folder with an
+index is a complete split.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import webdataset as wds
+
+from pretrain.config import MODALITIES
+
+INDEX_NAME = "index.json"
+
+
+def pattern_name(present: list[str] | tuple[str, ...]) -> str:
+    """Canonical name of a missing pattern, e.g. 'image+text'."""
+    return "+".join(m for m in MODALITIES if m in present)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, json.dumps(obj, indent=2, sort_keys=True).encode())
+
+
+@dataclass
+class ShardSetWriter:
+    """Writes samples into `out_dir/shard-NNNNNN.tar`, `shard_size` samples each.
+
+    A sample is a dict with `__key__`, `json` (metadata dict) and any subset of
+    the modality entries (`png`, `txt`, `flac`, ...) as bytes.
+    """
+
+    out_dir: Path
+    shard_size: int = 1000
+    extra_index: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.out_dir = Path(self.out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        stale = self.out_dir / INDEX_NAME
+        if stale.exists():
+            stale.unlink()  # the index marks a complete split; this one is being rewritten
+        self._shards: list[dict[str, Any]] = []
+        self._patterns: Counter[str] = Counter()
+        self._writer: wds.TarWriter | None = None
+        self._stream: io.BufferedWriter | None = None
+        self._count = 0
+        self.index: dict[str, Any] | None = None  # set by close()
+
+    def __enter__(self) -> "ShardSetWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self._abort()
+
+    def _shard_path(self, index: int) -> Path:
+        return self.out_dir / f"shard-{index:06d}.tar"
+
+    def _open(self) -> None:
+        path = self._shard_path(len(self._shards))
+        self._stream = open(path.with_name(path.name + ".tmp"), "wb")
+        self._writer = wds.TarWriter(self._stream)
+        self._count = 0
+
+    def _finish(self) -> None:
+        assert self._writer is not None and self._stream is not None
+        self._writer.close()  # closes the stream too
+        path = self._shard_path(len(self._shards))
+        os.replace(path.with_name(path.name + ".tmp"), path)
+        self._shards.append({"name": path.name, "count": self._count})
+        self._writer = self._stream = None
+
+    def _abort(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            tmp = self._shard_path(len(self._shards))
+            tmp.with_name(tmp.name + ".tmp").unlink(missing_ok=True)
+            self._writer = self._stream = None
+
+    def write(self, sample: dict[str, Any]) -> None:
+        meta = sample["json"]
+        present = meta["modalities"]
+        if not present:
+            raise ValueError(f"sample {sample['__key__']} has no modality; it cannot be written")
+        if self._writer is None:
+            self._open()
+        record = dict(sample)
+        record["json"] = json.dumps(meta, sort_keys=True).encode()
+        self._writer.write(record)
+        self._count += 1
+        self._patterns[pattern_name(present)] += 1
+        if self._count >= self.shard_size:
+            self._finish()
+
+    def close(self) -> dict[str, Any]:
+        if self.index is not None:
+            return self.index
+        if self._writer is not None:
+            self._finish()
+        index = {
+            **self.extra_index,
+            "modalities": list(MODALITIES),
+            "shards": self._shards,
+            "num_samples": sum(s["count"] for s in self._shards),
+            "pattern_counts": dict(sorted(self._patterns.items())),
+        }
+        atomic_write_json(self.out_dir / INDEX_NAME, index)
+        self.index = index
+        return index
+
+
+def read_index(split_dir: str | Path) -> dict[str, Any]:
+    path = Path(split_dir) / INDEX_NAME
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found: '{split_dir}' is not a complete shard split. "
+            "Build one with `calmrl data build --source synthetic --out DIR`."
+        )
+    return json.loads(path.read_text())

@@ -1,0 +1,31 @@
+"""Text tokenizers from the `tokenizers` library: trained on a corpus's captions
+at shard-build time (for towers trained from scratch) and loaded by the reader."""
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+
+PAD, UNK = "[PAD]", "[UNK]"
+
+
+def train_tokenizer(captions: Iterable[str], vocab_size: int = 2000) -> Tokenizer:
+    """A lower-cased BPE tokenizer fitted on `captions`; [PAD] has id 0."""
+    tok = Tokenizer(models.BPE(unk_token=UNK))
+    tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[PAD, UNK], show_progress=False)
+    tok.train_from_iterator(captions, trainer=trainer)
+    return tok
+
+
+def load_tokenizer(path: str | Path, max_len: int) -> Tokenizer:
+    """Load a tokenizer.json with padding and truncation to exactly `max_len` ids."""
+    tok = Tokenizer.from_file(str(path))
+    pad_id = tok.token_to_id(PAD)
+    if pad_id is None:
+        raise ValueError(f"{path}: tokenizer has no {PAD} token; rebuild it with `calmrl data build`")
+    tok.enable_padding(pad_id=pad_id, pad_token=PAD, length=max_len)
+    tok.enable_truncation(max_length=max_len)
+    return tok

@@ -1,0 +1,1 @@
+"""Retrieval, zero-shot, anchor shift, imputation quality and benchmarks."""

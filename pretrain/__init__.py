@@ -1,0 +1,1 @@
+"""Encoders, the calibrator, alignment objectives and the DeepSpeed trainer."""

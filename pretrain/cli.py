@@ -1,0 +1,121 @@
+"""The `calmrl` command line.
+
+    calmrl data build --source synthetic --out DIR [--num-samples N] [--shard-size N]
+    calmrl train CONFIG [--nproc N] [--resume latest|TAG] [--section.key=value ...]
+    calmrl eval RUN_DIR --data SPLIT_DIR [--checkpoint TAG] [--out DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _cpu_defaults() -> None:
+    # Without a GPU, DeepSpeed must use its CPU accelerator (gloo); set before import.
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def cmd_data_build(args: argparse.Namespace) -> int:
+    from data_pipeline.synthetic import SyntheticSpec, build_synthetic
+
+    if args.source != "synthetic":
+        raise SystemExit(f"unknown --source '{args.source}'; available: synthetic")
+    spec = SyntheticSpec(num_samples=args.num_samples, shard_size=args.shard_size, seed=args.seed,
+                         image_size=args.image_size)
+    indexes = build_synthetic(args.out, spec)
+    summary = ", ".join(f"{split} {idx['num_samples']} samples in {len(idx['shards'])} shards"
+                        for split, idx in indexes.items())
+    print(f"wrote {args.out}: {summary}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
+    from pretrain.config import load_config
+
+    cfg = load_config(args.config, overrides)  # fail here, before any process starts
+    if args.nproc and "RANK" not in os.environ:
+        from cluster.launch_local import launch_local
+
+        forward = [args.config, *overrides] + (["--resume", args.resume] if args.resume else [])
+        return launch_local(args.nproc, forward)
+    _cpu_defaults()
+    from pretrain.trainer import Trainer
+
+    trainer = Trainer(cfg)
+    history = trainer.fit(resume=args.resume)
+    if trainer.rank == 0 and history:
+        last = history[-1]
+        mean_sps = sum(h.samples_per_s for h in history) / len(history)
+        print(f"trained to step {trainer.step}/{cfg.train.steps}: loss {history[0].loss:.4f} -> {last.loss:.4f}, "
+              f"{mean_sps:.1f} samples/s, checkpoint {trainer.out_dir / 'checkpoints'}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    _cpu_defaults()
+    from evals.evaluate import evaluate_run, markdown_table, write_results
+
+    results = evaluate_run(args.run_dir, args.data, args.checkpoint)
+    path = write_results(results, args.out or os.path.join(args.run_dir, "eval"))
+    print(markdown_table(results))
+    print(f"eval of {results['checkpoint']} on {results['num_complete']} complete instances: "
+          f"mean R@1 {results['mean_R@1']:.3f} (written to {path})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="calmrl", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="build shard sets").add_subparsers(dest="data_command", required=True)
+    build = data.add_parser("build", help="write WebDataset shards (train/val/test) and an index")
+    build.add_argument("--source", required=True, help="synthetic")
+    build.add_argument("--out", required=True, help="output folder")
+    build.add_argument("--num-samples", type=int, default=2000)
+    build.add_argument("--shard-size", type=int, default=250)
+    build.add_argument("--image-size", type=int, default=32)
+    build.add_argument("--seed", type=int, default=0)
+
+    train = sub.add_parser("train", help="train (under torchrun, or spawn it with --nproc)",
+                           description="Extra --section.key=value arguments override the config.")
+    train.add_argument("config")
+    train.add_argument("--nproc", type=int, default=0, help="spawn torchrun with this many local processes")
+    train.add_argument("--resume", default=None, help="'latest' or a checkpoint folder name")
+
+    ev = sub.add_parser("eval", help="evaluate a run's checkpoint on a split")
+    ev.add_argument("run_dir")
+    ev.add_argument("--data", required=True, help="split folder (holding index.json)")
+    ev.add_argument("--checkpoint", default="latest")
+    ev.add_argument("--out", default=None)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    from pretrain.config import ConfigError
+
+    try:
+        if args.command == "train":
+            unknown = [a for a in extra if not (a.startswith("--") and "=" in a)]
+            if unknown:
+                parser.error(f"unrecognised arguments: {' '.join(unknown)}")
+            return cmd_train(args, extra)
+        if extra:
+            parser.error(f"unrecognised arguments: {' '.join(extra)}")
+        if args.command == "data":
+            return cmd_data_build(args)
+        return cmd_eval(args)
+    except ConfigError as exc:
+        print(f"calmrl: config error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

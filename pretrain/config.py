@@ -1,0 +1,255 @@
+"""One typed configuration for a run, loaded from YAML with CLI overrides.
+
+Every knob lives in a dataclass below; a YAML file may set any subset of them.
+An unknown key or a value of the wrong type is a `ConfigError` that names the
+key and the file, raised before any process group or data is touched.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+MODALITIES: tuple[str, ...] = ("image", "text", "audio")
+
+
+class ConfigError(ValueError):
+    """A configuration file or override that cannot be used as written."""
+
+
+@dataclass
+class DataConfig:
+    shards: str = ""  # a split folder holding index.json (local path or s3://)
+    batch_size: int = 32  # per rank, per micro-step
+    num_workers: int = 1
+    shuffle_buffer: int = 256
+    seed: int = 0
+    image_size: int = 32
+    max_text_len: int = 24
+    sample_rate: int = 8000
+    audio_seconds: float = 0.5
+    n_mels: int = 32
+    n_fft: int = 256
+    hop_length: int = 128
+
+
+@dataclass
+class TowerConfig:
+    name: str = ""  # a name in pretrain.towers.TOWERS
+    width: int = 64
+    depth: int = 2
+    heads: int = 4  # attention heads, for transformer towers
+    options: dict[str, Any] = field(default_factory=dict)  # extra kwargs for plug-in towers
+
+
+@dataclass
+class ModelConfig:
+    embed_dim: int = 64
+    image: TowerConfig = field(default_factory=lambda: TowerConfig(name="cnn", width=64, depth=3))
+    text: TowerConfig = field(default_factory=lambda: TowerConfig(name="transformer", width=64, depth=2))
+    audio: TowerConfig = field(default_factory=lambda: TowerConfig(name="conv1d", width=64, depth=3))
+    logit_scale_init: float = 1.0 / 0.07
+    logit_scale_max: float = 100.0
+
+
+@dataclass
+class LossConfig:
+    objective: str = "pairwise"
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "runs/default"
+    steps: int = 100  # optimizer steps
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1  # cosine floor as a fraction of lr
+    grad_accum: int = 1
+    grad_clip: float = 1.0  # 0 disables clipping
+    zero_stage: int = 1
+    precision: str = "fp32"  # fp32 | bf16
+    seed: int = 0
+    log_every: int = 1
+    ckpt_every: int = 0  # 0: only at the end
+    keep_checkpoints: int = 2  # older step folders are removed (0 keeps all)
+    stop_at: int = 0  # stop (after a checkpoint) at this step; 0 runs to `steps`. Schedules still span `steps`.
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self, source: str = "<config>") -> None:
+        """Checks that need more than a type: ranges and choices."""
+        t = self.train
+        checks = [
+            (t.zero_stage in (0, 1, 2, 3), "train.zero_stage", "must be 0, 1, 2 or 3"),
+            (t.precision in ("fp32", "bf16"), "train.precision", "must be 'fp32' or 'bf16'"),
+            (t.steps > 0, "train.steps", "must be positive"),
+            (t.grad_accum >= 1, "train.grad_accum", "must be >= 1"),
+            (len(t.betas) == 2, "train.betas", "must hold two numbers"),
+            (0 <= t.warmup_steps <= t.steps, "train.warmup_steps", "must lie in [0, train.steps]"),
+            (self.data.batch_size >= 1, "data.batch_size", "must be >= 1"),
+            (self.data.num_workers >= 0, "data.num_workers", "must be >= 0"),
+            (self.loss.objective in ("pairwise",), "loss.objective", "must be one of: pairwise"),
+        ]
+        for ok, key, why in checks:
+            if not ok:
+                raise ConfigError(f"{source}: '{key}' {why} (got {_get(self, key)!r})")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _get(obj: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
+    """Return `value` as type `tp`, or raise a ConfigError naming key and file."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: '{key}' must be a mapping, got {type(value).__name__}")
+        return _build(tp, value, key, source)
+    if origin in (typing.Union, types.UnionType):
+        for arm in typing.get_args(tp):
+            try:
+                return _coerce(value, arm, key, source)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{source}: '{key}' has the wrong type: {value!r}")
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"{source}: '{key}' must be null")
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{source}: '{key}' must be a list, got {type(value).__name__} {value!r}")
+        return [_coerce(v, item_tp, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: '{key}' must be a mapping, got {type(value).__name__}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str) and _looks_like_float(value):
+        return float(value)  # YAML 1.1 reads '3e-4' (no dot) as a string
+    if tp in (int, float) and isinstance(value, bool):
+        raise ConfigError(f"{source}: '{key}' must be {_type_name(tp)}, got bool {value!r}")
+    if not isinstance(value, tp):
+        raise ConfigError(
+            f"{source}: '{key}' must be {_type_name(tp)}, got {type(value).__name__} {value!r}"
+        )
+    return value
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str, source: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in values:
+        if key not in names:
+            full = f"{prefix}.{key}" if prefix else key
+            raise ConfigError(
+                f"{source}: unknown key '{full}'; valid keys here: {', '.join(sorted(names))}"
+            )
+    obj = cls()
+    for key, value in values.items():
+        full = f"{prefix}.{key}" if prefix else key
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current) and isinstance(value, dict):
+            # Merge into the default so a file can set one field of a nested block.
+            merged = {**dataclasses.asdict(current), **value}
+            setattr(obj, key, _build(type(current), merged, full, source))
+        else:
+            setattr(obj, key, _coerce(value, hints[key], full, source))
+    return obj
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{dotted}': '{part}' is not a section")
+    node[parts[-1]] = value
+
+
+def parse_overrides(args: list[str]) -> dict[str, Any]:
+    """`--train.lr=3e-4` style overrides into a nested dict (values parsed as YAML)."""
+    tree: dict[str, Any] = {}
+    for arg in args:
+        body = arg[2:] if arg.startswith("--") else arg
+        if "=" not in body:
+            raise ConfigError(f"override '{arg}' must look like --section.key=value")
+        key, raw = body.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else ""
+        if isinstance(value, str) and _looks_like_float(raw):
+            value = float(raw)  # YAML 1.1 reads '3e-4' as a string; users mean a float
+        _set_dotted(tree, key, value)
+    return tree
+
+
+def _looks_like_float(raw: str) -> bool:
+    try:
+        float(raw)
+    except ValueError:
+        return False
+    return True
+
+
+def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML preset, apply `--a.b=value` overrides, check types and ranges."""
+    tree: dict[str, Any] = {}
+    source = "<defaults>"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        loaded = yaml.safe_load(path.read_text())
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        tree = loaded or {}
+    cfg = _build(Config, tree, "", source)
+    if overrides:
+        over_source = f"{source} (command-line overrides)"
+        cfg = _build(Config, _deep_merge(cfg.to_dict(), parse_overrides(overrides)), "", over_source)
+    cfg.validate(source)
+    return cfg
+
+
+def config_from_dict(tree: dict[str, Any], source: str = "<dict>") -> Config:
+    cfg = _build(Config, tree, "", source)
+    cfg.validate(source)
+    return cfg

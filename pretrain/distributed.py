@@ -1,0 +1,50 @@
+"""Process-group helpers: rank/world queries that also work without a group,
+and a row gather that carries gradient back to the rank that owns each row."""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch.distributed._functional_collectives import all_gather_tensor_autograd
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate `x` [B, ...] from every rank in rank order -> [world*B, ...].
+
+    Differentiable: the backward pass sums, over all ranks, the gradient that
+    reaches each gathered row and returns it to the rank that owns the row.
+    Every rank must pass the same shape (the batch contract fixes B).
+    """
+    if not is_distributed() or world_size() == 1:
+        return x
+    return all_gather_tensor_autograd(x.contiguous(), 0, dist.group.WORLD)
+
+
+@torch.no_grad()
+def gather_rows_nograd(x: torch.Tensor) -> torch.Tensor:
+    """Same layout as `gather_rows`, without autograd (masks, labels)."""
+    if not is_distributed() or world_size() == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts, 0)
+
+
+@torch.no_grad()
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum of a (detached) tensor over ranks; a copy, the input is left alone."""
+    out = x.detach().clone()
+    if is_distributed() and world_size() > 1:
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out

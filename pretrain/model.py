@@ -1,0 +1,58 @@
+"""The multimodal model: one tower + projection head per modality, a learnable
+logit scale, and L2-normalised embeddings in a shared space."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pretrain.config import MODALITIES, DataConfig, ModelConfig
+from pretrain.towers import build_tower
+
+
+class MultiModalModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, data: DataConfig, vocab_size: int):
+        super().__init__()
+        self.modalities = MODALITIES
+        self.towers = nn.ModuleDict(
+            {m: build_tower(m, getattr(cfg, m), data, vocab_size) for m in self.modalities}
+        )
+        self.heads = nn.ModuleDict(
+            {m: nn.Linear(self.towers[m].out_dim, cfg.embed_dim) for m in self.modalities}
+        )
+        # Shape (1,), not a 0-dim scalar: deepspeed 0.19.8 cannot flatten 0-dim parameters.
+        self.log_logit_scale = nn.Parameter(torch.tensor([math.log(cfg.logit_scale_init)]))
+        self.max_log_logit_scale = math.log(cfg.logit_scale_max)
+
+    def logit_scale(self) -> torch.Tensor:
+        return self.log_logit_scale.clamp(max=self.max_log_logit_scale).exp()
+
+    def encode(self, modality: str, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Embeddings [B, D] of `modality`; rows where it is absent are zeros.
+
+        Only present rows go through the tower. A batch with none of this
+        modality still runs the tower on one (zero) row and keeps its output in
+        the graph with weight zero: under ZeRO-3 every rank must enter every
+        module's forward and backward, or the parameter gathers hang.
+        """
+        present = batch["present"][:, self.modalities.index(modality)]
+        rows = present.nonzero(as_tuple=True)[0]
+        empty = rows.numel() == 0
+        if empty:
+            rows = torch.zeros(1, dtype=torch.long, device=present.device)
+        inputs = {k: v.index_select(0, rows) for k, v in batch.items()
+                  if isinstance(v, torch.Tensor) and k.startswith(modality)}
+        feats = self.heads[modality](self.towers[modality](inputs))
+        emb = F.normalize(feats.float(), dim=-1)
+        if empty:
+            emb = emb * 0.0
+        out = emb.new_zeros(present.shape[0], emb.shape[1])
+        return out.index_copy(0, rows, emb)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, object]:
+        # The logit scale is read inside forward: under ZeRO-3 a parameter is
+        # only materialised while its module's forward runs.
+        return {"emb": {m: self.encode(m, batch) for m in self.modalities},
+                "logit_scale": self.logit_scale()}

@@ -1,0 +1,85 @@
+"""Shared test utilities: tiny configs and a real multi-process (gloo) runner."""
+from __future__ import annotations
+
+import os
+import pickle
+import socket
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+import torch.multiprocessing as mp
+
+from pretrain.config import Config, config_from_dict
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def tiny_config(shards: str | Path, out_dir: str | Path, **sections: dict[str, Any]) -> Config:
+    """A very small model and batch for tests; `sections` override per section."""
+    tree: dict[str, Any] = {
+        "data": {"shards": str(shards), "batch_size": 16, "num_workers": 0, "shuffle_buffer": 32},
+        "model": {"embed_dim": 32,
+                  "image": {"name": "cnn", "width": 32, "depth": 2},
+                  "text": {"name": "transformer", "width": 32, "depth": 1, "heads": 2},
+                  "audio": {"name": "conv1d", "width": 32, "depth": 2}},
+        "train": {"out_dir": str(out_dir), "steps": 30, "lr": 3e-3, "warmup_steps": 3,
+                  "zero_stage": 1, "log_every": 1, "ckpt_every": 0},
+    }
+    for name, values in sections.items():
+        tree[name] = {**tree.get(name, {}), **values}
+    return config_from_dict(tree, "<test>")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _child(fn: Callable, rank: int, world: int, port: int, out_dir: str, args: tuple) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                      DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    import torch
+
+    torch.set_num_threads(1)
+    path = Path(out_dir) / f"result_{rank}.pkl"
+    try:
+        result = ("ok", fn(rank, world, *args))
+    except BaseException:  # report any failure to the parent, with its traceback
+        result = ("error", traceback.format_exc())
+    path.write_bytes(pickle.dumps(result))
+
+
+def run_distributed(fn: Callable, world: int, tmp_dir: str | Path, *args: Any, timeout: float = 300) -> list[Any]:
+    """Run fn(rank, world, *args) in `world` spawned processes on gloo; return each rank's result.
+
+    A rank that fails raises here with its traceback; a hang past `timeout` kills all ranks
+    and fails (it never blocks the suite)."""
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    Path(tmp_dir).mkdir(parents=True, exist_ok=True)
+    procs = [ctx.Process(target=_child, args=(fn, r, world, port, str(tmp_dir), args)) for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout)
+    hung = [r for r, p in enumerate(procs) if p.is_alive()]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join()
+    if hung:
+        raise TimeoutError(f"ranks {hung} did not finish within {timeout}s (a collective hang?)")
+    results = []
+    for r in range(world):
+        path = Path(tmp_dir) / f"result_{r}.pkl"
+        if not path.exists():
+            raise RuntimeError(f"rank {r} died without a result (exit code {procs[r].exitcode})")
+        status, value = pickle.loads(path.read_bytes())
+        path.unlink()
+        if status != "ok":
+            raise RuntimeError(f"rank {r} failed:\n{value}")
+        results.append(value)
+    return results
