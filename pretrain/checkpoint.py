@@ -49,7 +49,9 @@ class Checkpointer:
         tmp_dir, final_dir = self.root / tmp_tag, self.root / tag
         if rank() == 0:
             self.root.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(tmp_dir, ignore_errors=True)  # left by a crash during an earlier save
+            # Every rank is inside this save, so any other partial folder was left by a crash.
+            for stale in self.root.glob(".tmp-*"):
+                shutil.rmtree(stale, ignore_errors=True)
         _barrier()
         engine.save_checkpoint(str(self.root), tag=tmp_tag, save_latest=False)
         state = {**rank_state, "world_size": world_size(), "step": step}

@@ -1,0 +1,452 @@
+"""The CalMRL calibrator: a shared-latent generative model of the representations.
+
+Every modality's representation is modelled as a linear image of one latent
+vector shared by all modalities of an instance (METHOD.md, "Generative model"):
+
+    z^m = W_m b + mu_m + e_m,   b ~ N(0, I_k),   e_m ~ N(0, sigma2_m I_d)
+
+The E-step infers b from whatever modalities a sample has, in closed form; the
+missing modalities are then imputed as ``normalize(W_m b + mu_m)``. The M-step
+refits ``W_m, mu_m, sigma2_m`` in closed form from sufficient statistics, which
+are summed across ranks with a single all-reduce so every rank holds the same
+state.
+
+All state lives in buffers (never optimizer parameters), in ``dtype`` (float64
+by default) whatever the dtype of the features: the statistics are sums over
+many steps and the log-likelihood is compared across EM iterations, both of
+which bf16/fp32 roundoff would blur. Keep the calibrator out of any wrapper that
+casts a module's buffers (e.g. a bf16 DeepSpeed engine); it has nothing to train.
+
+Choices that METHOD.md leaves open, ours (configurable where it matters):
+- ``W_m`` starts as ``init_scale * randn(d, k) / sqrt(d)`` (columns of norm
+  about ``init_scale``), ``mu_m = 0``, ``sigma2_m = 1``, drawn from ``seed``.
+- Counts are decayed together with the other sums, so the M-step is an
+  exponentially weighted EM over recent batches.
+- ``log_likelihood`` averages over the samples that have at least one
+  modality (rows with none carry no data; they are batch padding).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+
+_LOG_2PI = math.log(2.0 * math.pi)
+
+
+@dataclass(frozen=True)
+class PatternGroups:
+    """The distinct missing patterns of a batch and which samples have each."""
+
+    patterns: Tensor  # [P, M] bool: the observed set of each distinct pattern
+    index: Tensor  # [N] long: pattern id of every sample
+    order: Tensor  # [N] long: sample ids sorted by pattern id (stable)
+    sizes: list[int]  # samples per pattern, in pattern-id order
+
+    @property
+    def counts(self) -> Tensor:
+        return torch.bincount(self.index, minlength=self.patterns.shape[0])
+
+
+@dataclass(frozen=True)
+class Posterior:
+    """Result of the E-step. Covariances are kept per pattern, not per sample."""
+
+    mean: Tensor  # [N, k]: b_i
+    pattern_cov: Tensor  # [P, k, k]: V_O, the posterior covariance of each pattern
+    pattern_chol: Tensor  # [P, k, k]: lower Cholesky factor of the precision P_O
+    rhs: Tensor  # [N, k]: sum_{m in O} W_m^T (z^m - mu_m) / sigma2_m
+    groups: PatternGroups
+
+    def sample_cov(self) -> Tensor:
+        """Posterior covariance of every sample, [N, k, k]."""
+        return self.pattern_cov.index_select(0, self.groups.index)
+
+
+def _pattern_groups(present: Tensor) -> PatternGroups:
+    """Group samples by missing pattern (a bit code over modalities)."""
+    num_modalities = present.shape[1]
+    bits = torch.arange(num_modalities, device=present.device)
+    codes = (present.long() << bits).sum(dim=1)
+    unique_codes, index = torch.unique(codes, sorted=True, return_inverse=True)
+    patterns = ((unique_codes.unsqueeze(1) >> bits) & 1).bool()
+    sizes = torch.bincount(index, minlength=unique_codes.numel()).tolist()
+    order = torch.argsort(index, stable=True)
+    return PatternGroups(patterns=patterns, index=index, order=order, sizes=sizes)
+
+
+class Calibrator(torch.nn.Module):
+    """Shared-latent linear-Gaussian model over modality representations.
+
+    Args:
+        modalities: modality names; ``present[:, j]`` refers to ``modalities[j]``.
+        dim: representation size ``d``.
+        latent_dim: latent size ``k``.
+        decay: running statistics are ``decay * old + batch`` (1.0: plain sums).
+        sigma2_floor: lower bound on every ``sigma2_m`` after an M-step.
+        normalize_imputed: L2-normalise imputed vectors (the encoders' outputs
+            are unit vectors); ``impute(normalize=...)`` overrides it per call.
+        init_scale: approximate column norm of the initial random ``W_m``.
+        seed: seed of the initial ``W_m``; the same seed gives the same state on
+            every rank without communication.
+        dtype: floating dtype of the state, the statistics and all internal
+            arithmetic (extra option; float64 by default).
+        process_group: group whose ranks' statistics are summed in
+            ``accumulate`` when ``torch.distributed`` is initialised (extra
+            option; None is the default group).
+    """
+
+    def __init__(
+        self,
+        modalities: list[str],
+        dim: int,
+        latent_dim: int,
+        *,
+        decay: float = 0.99,
+        sigma2_floor: float = 1e-4,
+        normalize_imputed: bool = True,
+        init_scale: float = 0.1,
+        seed: int = 0,
+        dtype: torch.dtype = torch.float64,
+        process_group: Any | None = None,
+    ) -> None:
+        super().__init__()
+        if len(set(modalities)) != len(modalities) or not modalities:
+            raise ValueError(f"modalities must be distinct and non-empty, got {modalities}")
+        if not 0.0 < decay <= 1.0:
+            raise ValueError(f"decay must be in (0, 1], got {decay}")
+        if sigma2_floor <= 0.0:
+            raise ValueError(f"sigma2_floor must be positive, got {sigma2_floor}")
+        if not dtype.is_floating_point:
+            raise ValueError(f"dtype must be floating point, got {dtype}")
+        self.modalities = list(modalities)
+        self.dim = dim
+        self.latent_dim = latent_dim
+        self.decay = decay
+        self.sigma2_floor = sigma2_floor
+        self.normalize_imputed = normalize_imputed
+        self.dtype = dtype
+        self.process_group = process_group
+
+        num_modalities = len(self.modalities)
+        # A private CPU generator: the initial state must not depend on the
+        # global RNG, the device, or what other code has drawn before.
+        generator = torch.Generator().manual_seed(seed)
+        initial_W = torch.randn(num_modalities, dim, latent_dim, generator=generator, dtype=torch.float64)
+        initial_W *= init_scale / math.sqrt(dim)
+        self.register_buffer("W", initial_W.to(dtype))
+        self.register_buffer("mu", torch.zeros(num_modalities, dim, dtype=dtype))
+        self.register_buffer("sigma2", torch.ones(num_modalities, dtype=dtype))
+
+        # Sufficient statistics per modality, over the samples where it is observed.
+        self.register_buffer("n_obs", torch.zeros(num_modalities, dtype=dtype))
+        self.register_buffer("sum_z_bt", torch.zeros(num_modalities, dim, latent_dim + 1, dtype=dtype))
+        self.register_buffer("sum_St", torch.zeros(num_modalities, latent_dim + 1, latent_dim + 1, dtype=dtype))
+        self.register_buffer("sum_zsq", torch.zeros(num_modalities, dtype=dtype))
+
+    # ------------------------------------------------------------------ E-step
+
+    def e_step(self, z: Mapping[str, Tensor], present: Tensor) -> Posterior:
+        """Closed-form posterior of the shared latent given the observed modalities.
+
+        Differentiable w.r.t. ``z`` (the state is constant), so imputations can
+        pass gradient back to the observed encoders.
+        """
+        present = self._check_present(present)
+        groups = _pattern_groups(present)
+        centred = self._centred_features(self._observed_features(z, present), present)
+        return self._posterior(centred, groups)
+
+    def posterior(self, z: Mapping[str, Tensor], present: Tensor) -> tuple[Tensor, Tensor]:
+        """Posterior mean [N, k] and covariance [N, k, k] of the shared latent.
+
+        Rows with no modality get the prior (mean 0, covariance I).
+        """
+        result = self.e_step(z, present)
+        return result.mean, result.sample_cov()
+
+    def _posterior(self, centred: list[Tensor], groups: PatternGroups) -> Posterior:
+        precision = self._pattern_precision(groups.patterns)
+        # One batched Cholesky call factors every distinct pattern's precision.
+        chol = torch.linalg.cholesky(precision)
+        rhs = self._precision_weighted_sum(centred)
+        mean = self._solve_by_pattern(chol, rhs, groups)
+        pattern_cov = torch.cholesky_inverse(chol)
+        return Posterior(mean=mean, pattern_cov=pattern_cov, pattern_chol=chol, rhs=rhs, groups=groups)
+
+    def _pattern_precision(self, patterns: Tensor) -> Tensor:
+        """P_O = I + sum_{m in O} W_m^T W_m / sigma2_m for every pattern, [P, k, k]."""
+        per_modality = self.W.transpose(1, 2) @ self.W / self.sigma2[:, None, None]
+        eye = torch.eye(self.latent_dim, dtype=self.dtype, device=self.W.device)
+        return eye + torch.einsum("pm,mkl->pkl", patterns.to(self.dtype), per_modality)
+
+    def _precision_weighted_sum(self, centred: list[Tensor]) -> Tensor:
+        """sum_{m in O_i} W_m^T (z_i^m - mu_m) / sigma2_m per sample, [N, k]."""
+        terms = [residual @ (self.W[j] / self.sigma2[j]) for j, residual in enumerate(centred)]
+        return torch.stack(terms).sum(dim=0)
+
+    @staticmethod
+    def _solve_by_pattern(chol: Tensor, rhs: Tensor, groups: PatternGroups) -> Tensor:
+        """Solve P_O b = rhs for all samples: one Cholesky solve per pattern, never per sample."""
+        if rhs.shape[0] == 0:
+            return rhs.clone()
+        sorted_rhs = rhs.index_select(0, groups.order)
+        solved = [
+            torch.cholesky_solve(block.T, chol[p]).T
+            for p, block in enumerate(sorted_rhs.split(groups.sizes))
+        ]
+        # Undo the sort with index_select (not an in-place scatter) to keep autograd simple.
+        unsort = torch.argsort(groups.order)
+        return torch.cat(solved).index_select(0, unsort)
+
+    def _observed_features(self, z: Mapping[str, Tensor], present: Tensor) -> list[Tensor]:
+        """z^m in the internal dtype per modality, exactly zero on rows where m is absent.
+
+        ``masked_fill`` rather than a multiply by the mask: absent rows may hold
+        NaN, and NaN * 0 is NaN. A modality missing from ``z`` counts as absent.
+        """
+        num_samples = present.shape[0]
+        features = []
+        for j, name in enumerate(self.modalities):
+            absent = ~present[:, j].unsqueeze(1)
+            if name not in z:
+                if not bool(absent.all()):
+                    raise ValueError(f"present marks '{name}' observed but z has no '{name}' entry")
+                features.append(torch.zeros(num_samples, self.dim, dtype=self.dtype, device=self.W.device))
+                continue
+            values = z[name]
+            if values.shape != (num_samples, self.dim):
+                raise ValueError(f"z['{name}'] has shape {tuple(values.shape)}, expected ({num_samples}, {self.dim})")
+            features.append(values.to(self.dtype).masked_fill(absent, 0.0))
+        return features
+
+    def _centred_features(self, observed_features: list[Tensor], present: Tensor) -> list[Tensor]:
+        """z^m - mu_m on observed rows, zero on absent rows."""
+        return [
+            (features - self.mu[j]).masked_fill(~present[:, j].unsqueeze(1), 0.0)
+            for j, features in enumerate(observed_features)
+        ]
+
+    def _check_present(self, present: Tensor) -> Tensor:
+        if present.ndim != 2 or present.shape[1] != len(self.modalities):
+            raise ValueError(f"present must be [N, {len(self.modalities)}], got {tuple(present.shape)}")
+        return present.to(device=self.W.device, dtype=torch.bool)
+
+    # -------------------------------------------------------------- imputation
+
+    def impute(
+        self, z: Mapping[str, Tensor], present: Tensor, *, normalize: bool | None = None
+    ) -> dict[str, Tensor]:
+        """Complete every modality: observed rows as given, missing rows W_m b_i + mu_m.
+
+        Imputed rows are L2-normalised unless ``normalize`` (default: the
+        constructor's ``normalize_imputed``) is False. The result for each
+        modality has the dtype of its input features. Nothing is detached:
+        gradient flows from imputed rows into the observed features through
+        b_i; detach the input for no gradient.
+        """
+        present = self._check_present(present)
+        normalize = self.normalize_imputed if normalize is None else normalize
+        result = self.e_step(z, present)
+        fallback_dtype = next(iter(z.values())).dtype if z else self.dtype
+        completed = {}
+        for j, name in enumerate(self.modalities):
+            imputed = result.mean @ self.W[j].T + self.mu[j]
+            if normalize:
+                imputed = F.normalize(imputed, dim=-1)
+            observed = present[:, j].unsqueeze(1)
+            if name in z:
+                features = z[name]
+                completed[name] = torch.where(observed, features, imputed.to(features.dtype))
+            else:
+                completed[name] = imputed.to(fallback_dtype)
+        return completed
+
+    def predictive_cov(self, present_pattern: Sequence[bool] | Sequence[str] | Tensor, modality: str) -> Tensor:
+        """W_m V_O W_m^T + sigma2_m I: covariance of z^m given the modalities in O, [d, d].
+
+        ``present_pattern`` is a bool mask over ``modalities`` or a collection of
+        observed modality names. A diagnostic: it forms a d x d matrix.
+        """
+        if isinstance(present_pattern, Tensor):
+            mask = present_pattern.to(device=self.W.device, dtype=torch.bool)
+        elif any(isinstance(item, str) for item in present_pattern) or len(present_pattern) == 0:
+            mask = torch.tensor([name in present_pattern for name in self.modalities], device=self.W.device)
+        else:
+            mask = torch.tensor([bool(item) for item in present_pattern], device=self.W.device)
+        chol = torch.linalg.cholesky(self._pattern_precision(mask.unsqueeze(0)))
+        latent_cov = torch.cholesky_inverse(chol)[0]
+        j = self.modalities.index(modality)
+        eye = torch.eye(self.dim, dtype=self.dtype, device=self.W.device)
+        return self.W[j] @ latent_cov @ self.W[j].T + self.sigma2[j] * eye
+
+    # ---------------------------------------------------------- log-likelihood
+
+    @torch.no_grad()
+    def log_likelihood(self, z: Mapping[str, Tensor], present: Tensor) -> float:
+        """Mean over samples of log N(z^O; mu_O, W_O W_O^T + D_O), D_O = diag(sigma2_m I_d).
+
+        Woodbury and the determinant lemma reduce it to the E-step's quantities:
+            quad   = sum_m |z^m - mu_m|^2 / sigma2_m - rhs^T P_O^{-1} rhs
+            logdet = log det P_O + d sum_{m in O} log sigma2_m
+        so each pattern costs one k x k factorisation and each sample O(d k).
+        Samples with no modality are left out of the mean (NaN if all are).
+        """
+        present = self._check_present(present)
+        groups = _pattern_groups(present)
+        centred = self._centred_features(self._observed_features(z, present), present)
+        result = self._posterior(centred, groups)
+
+        scaled_sq_norm = torch.stack(
+            [residual.square().sum(dim=1) / self.sigma2[j] for j, residual in enumerate(centred)]
+        ).sum(dim=0)
+        quad = scaled_sq_norm - (result.rhs * result.mean).sum(dim=1)
+
+        patterns = groups.patterns.to(self.dtype)
+        logdet_precision = 2.0 * torch.diagonal(result.pattern_chol, dim1=-2, dim2=-1).log().sum(dim=-1)
+        logdet_noise = patterns @ (self.dim * self.sigma2.log())
+        observed_dims = self.dim * patterns.sum(dim=1)
+        pattern_const = observed_dims * _LOG_2PI + logdet_precision + logdet_noise
+
+        per_sample = -0.5 * (pattern_const.index_select(0, groups.index) + quad)
+        return per_sample[present.any(dim=1)].mean().item()
+
+    # ---------------------------------------------------------------- M-step
+
+    @torch.no_grad()
+    def accumulate(self, z: Mapping[str, Tensor], present: Tensor, *, decay: float | None = None) -> None:
+        """E-step on detached features, then fold the batch's statistics into the running sums.
+
+        The batch statistics are summed over ranks (one all-reduce) when
+        ``torch.distributed`` is initialised, so every rank must call it at the
+        same steps, even with no observed rows (the reduced buffer's size does
+        not depend on ``N``). The calibrator must live on a device the backend can reduce
+        (CUDA for NCCL). ``decay`` overrides the constructor's value for this call.
+        """
+        decay = self.decay if decay is None else decay
+        present = self._check_present(present)
+        detached = {name: features.detach() for name, features in z.items()}
+        groups = _pattern_groups(present)
+        observed_features = self._observed_features(detached, present)
+        centred = self._centred_features(observed_features, present)
+        result = self._posterior(centred, groups)
+        batch = self._batch_statistics(observed_features, present, result)
+        batch = self._all_reduce_statistics(batch)
+        for name, value in batch.items():
+            running = getattr(self, name)
+            running.mul_(decay).add_(value)
+
+    def _batch_statistics(
+        self, observed_features: list[Tensor], present: Tensor, result: Posterior
+    ) -> dict[str, Tensor]:
+        """Counts, sum z bt^T, sum St and sum |z|^2 of this batch, per modality."""
+        k = self.latent_dim
+        ones = torch.ones(present.shape[0], 1, dtype=self.dtype, device=self.W.device)
+        bt = torch.cat([result.mean, ones], dim=1)
+        pattern_sizes = result.groups.counts.to(self.dtype)
+
+        n_obs, sum_z_bt, sum_St, sum_zsq = [], [], [], []
+        for j in range(len(self.modalities)):
+            observed = present[:, j]
+            features = observed_features[j]  # zero on absent rows, so they add nothing below
+            observed_bt = bt * observed.unsqueeze(1).to(self.dtype)
+            # sum_i V_i over the samples with m observed: V depends only on the pattern.
+            samples_per_pattern = pattern_sizes * result.groups.patterns[:, j].to(self.dtype)
+            cov_sum = torch.einsum("p,pkl->kl", samples_per_pattern, result.pattern_cov)
+            St = observed_bt.T @ observed_bt
+            St[:k, :k] += cov_sum
+            n_obs.append(observed.sum().to(self.dtype))
+            sum_z_bt.append(features.T @ observed_bt)
+            sum_St.append(St)
+            sum_zsq.append(features.square().sum())
+        return {
+            "n_obs": torch.stack(n_obs),
+            "sum_z_bt": torch.stack(sum_z_bt),
+            "sum_St": torch.stack(sum_St),
+            "sum_zsq": torch.stack(sum_zsq),
+        }
+
+    def _all_reduce_statistics(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Sum the batch statistics over ranks with one all-reduce on one flat buffer."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return batch
+        flat = torch.cat([value.reshape(-1) for value in batch.values()])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.process_group)
+        pieces = flat.split([value.numel() for value in batch.values()])
+        return {name: piece.view_as(value) for (name, value), piece in zip(batch.items(), pieces)}
+
+    @torch.no_grad()
+    def m_step(self) -> None:
+        """Closed-form update of W_m, mu_m, sigma2_m from the running statistics.
+
+        With A = sum St, B = sum z bt^T, Wt = [W, mu]:
+            Wt     = B A^{-1}
+            sigma2 = (sum |z|^2 - 2 tr(Wt^T B) + tr(Wt^T Wt A)) / (d n)
+        A modality never observed (zero count) keeps its parameters.
+        """
+        k = self.latent_dim
+        for j in range(len(self.modalities)):
+            count = self.n_obs[j]
+            if count <= 0:
+                continue
+            A, B = self.sum_St[j], self.sum_z_bt[j]
+            # A is symmetric, so B A^{-1} = (A^{-1} B^T)^T: a solve, no inverse.
+            Wt = torch.linalg.solve(A, B.T).T
+            cross = (Wt * B).sum()
+            quadratic = ((Wt @ A) * Wt).sum()
+            sigma2 = (self.sum_zsq[j] - 2.0 * cross + quadratic) / (self.dim * count)
+            self.W[j] = Wt[:, :k]
+            self.mu[j] = Wt[:, k]
+            self.sigma2[j] = sigma2.clamp_min(self.sigma2_floor)
+
+    @torch.no_grad()
+    def reset_statistics(self) -> None:
+        for name in ("n_obs", "sum_z_bt", "sum_St", "sum_zsq"):
+            getattr(self, name).zero_()
+
+    def fit(self, z: Mapping[str, Tensor], present: Tensor, iters: int) -> list[float]:
+        """EM on fixed features; returns the log-likelihood after each iteration.
+
+        Each iteration replaces the running statistics with this data's plain
+        sums (over all ranks if distributed; the log-likelihood is local). Used
+        for warm-up and tests; it leaves the last iteration's statistics behind.
+        """
+        history = []
+        for _ in range(iters):
+            self.reset_statistics()
+            self.accumulate(z, present, decay=1.0)
+            self.m_step()
+            history.append(self.log_likelihood(z, present))
+        return history
+
+    # ----------------------------------------------------------- inspection
+
+    def params(self) -> dict[str, tuple[Tensor, Tensor, float]]:
+        """modality -> (W [d, k], mu [d], sigma2), copies of the current state."""
+        return {
+            name: (self.W[j].clone(), self.mu[j].clone(), float(self.sigma2[j]))
+            for j, name in enumerate(self.modalities)
+        }
+
+    def get_extra_state(self) -> dict[str, Any]:
+        # Saved so that a checkpoint cannot be loaded into a calibrator whose
+        # modality order differs, which would silently swap their parameters.
+        return {"modalities": list(self.modalities), "dim": self.dim, "latent_dim": self.latent_dim}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        expected = self.get_extra_state()
+        if state != expected:
+            raise ValueError(f"calibrator checkpoint is for {state}, this calibrator is {expected}")
+
+    def extra_repr(self) -> str:
+        return (
+            f"modalities={self.modalities}, dim={self.dim}, latent_dim={self.latent_dim}, "
+            f"decay={self.decay}, sigma2_floor={self.sigma2_floor}, dtype={self.dtype}"
+        )
