@@ -1,0 +1,39 @@
+# Two front doors: `make demo` (set up, build data, train 2 processes, evaluate)
+# and `make test` (set up, run the whole suite). Both work from a fresh clone.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+DEMO_DATA ?= data/synthetic
+DEMO_RUN ?= runs/demo
+# DeepSpeed compiles its CPU comm op once; keep the build with the checkout.
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+
+.PHONY: install demo test data clean
+
+# torch is pinned to the CPU build this machine ships (see README for GPUs);
+# DS_BUILD_OPS=0 makes DeepSpeed a pure-Python install (ops JIT-compile on use).
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	DS_BUILD_OPS=0 $(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+install: $(BIN)/.installed
+
+$(DEMO_DATA)/train/index.json: $(BIN)/.installed
+	$(BIN)/calmrl data build --source synthetic --out $(DEMO_DATA) --num-samples 4000 --shard-size 250
+
+data: $(DEMO_DATA)/train/index.json
+
+demo: data
+	rm -rf $(DEMO_RUN)
+	$(BIN)/calmrl train configs/tiny_cpu.yaml --nproc 2 --data.shards=$(DEMO_DATA)/train --train.out_dir=$(DEMO_RUN)
+	$(BIN)/calmrl eval $(DEMO_RUN) --data $(DEMO_DATA)/test
+
+test: $(BIN)/.installed
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) .cache runs data
