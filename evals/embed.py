@@ -10,6 +10,7 @@ import yaml
 
 from data_pipeline.reader import iterate_split
 from pretrain.checkpoint import Checkpointer
+from pretrain.completion import Completion
 from pretrain.config import MODALITIES, Config, config_from_dict
 from pretrain.model import MultiModalModel
 from pretrain.trainer import vocab_size_of
@@ -32,6 +33,19 @@ def load_run(run_dir: str | Path, tag: str = "latest") -> tuple[Config, MultiMod
                            f"missing {missing}, unexpected {unexpected}")
     model.eval()
     return cfg, model, tag
+
+
+def load_completion(run_dir: str | Path, tag: str = "latest") -> Completion:
+    """The run's completion state (calibrator or mean filler) at a checkpoint;
+    it is the same on every rank, so rank 0's copy is read."""
+    run_dir = Path(run_dir)
+    cfg = config_from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()), str(run_dir / "config.yaml"))
+    ckpt = Checkpointer(run_dir / "checkpoints")
+    state = torch.load(ckpt.root / ckpt.resolve(tag) / "trainer_state_rank0.pt", map_location="cpu",
+                       weights_only=False)
+    completion = Completion(cfg.calibration, MODALITIES, cfg.model.embed_dim, seed=cfg.train.seed)
+    completion.load_state_dict(state["completion"])
+    return completion
 
 
 @torch.no_grad()

@@ -59,7 +59,34 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    objective: str = "pairwise"
+    objective: str = "pairwise"  # pairwise | gram | pmrl
+    imputed_pair_weight: float = 1.0  # pairwise: weight of a pair with one imputed side
+    gram_anchor: str = "text"  # gram: the anchor modality
+    pmrl_tau1: float = 0.1  # pmrl: temperature of the singular-value term
+
+
+METHODS = ("calmrl", "observed_only", "drop_incomplete", "mean_fill")
+
+
+@dataclass
+class CalibrationConfig:
+    """How missing modalities are handled (METHOD.md, "Bi-step training").
+
+    method: calmrl (impute with the calibrator), observed_only (align what is
+    present: local anchors), drop_incomplete (only complete tuples align),
+    mean_fill (missing vectors = running mean of the modality). The oracle of
+    the benchmark is observed_only on data without missing modalities.
+    """
+
+    method: str = "calmrl"
+    latent_dim: int = 16
+    decay: float = 0.99  # running statistics: old sums are multiplied by this each step
+    update_every: int = 1  # M-step every N optimizer steps
+    warmup_steps: int = 10  # observed-only alignment while the calibrator is fitted
+    grad_through_imputation: bool = True  # gradient from imputed vectors into observed encoders
+    normalize_imputed: bool = True
+    sigma2_floor: float = 1.0e-4
+    init_scale: float = 0.1
 
 
 @dataclass
@@ -87,6 +114,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def validate(self, source: str = "<config>") -> None:
@@ -101,7 +129,13 @@ class Config:
             (0 <= t.warmup_steps <= t.steps, "train.warmup_steps", "must lie in [0, train.steps]"),
             (self.data.batch_size >= 1, "data.batch_size", "must be >= 1"),
             (self.data.num_workers >= 0, "data.num_workers", "must be >= 0"),
-            (self.loss.objective in ("pairwise",), "loss.objective", "must be one of: pairwise"),
+            (self.loss.objective in ("pairwise", "gram", "pmrl"), "loss.objective",
+             "must be one of: pairwise, gram, pmrl"),
+            (self.loss.gram_anchor in MODALITIES, "loss.gram_anchor", f"must be one of: {', '.join(MODALITIES)}"),
+            (self.calibration.method in METHODS, "calibration.method", f"must be one of: {', '.join(METHODS)}"),
+            (self.calibration.latent_dim >= 1, "calibration.latent_dim", "must be >= 1"),
+            (0.0 < self.calibration.decay <= 1.0, "calibration.decay", "must lie in (0, 1]"),
+            (self.calibration.update_every >= 1, "calibration.update_every", "must be >= 1"),
         ]
         for ok, key, why in checks:
             if not ok:

@@ -26,6 +26,7 @@ from tqdm import tqdm
 from data_pipeline.reader import BatchLoader, LoaderState, open_split
 from data_pipeline.tokenizer import load_tokenizer
 from pretrain.checkpoint import Checkpointer
+from pretrain.completion import Completion
 from pretrain.config import MODALITIES, Config
 from pretrain.distributed import is_distributed, rank, world_size
 from pretrain.losses import OBJECTIVES
@@ -94,6 +95,15 @@ def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimize
     return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=tuple(cfg.train.betas))
 
 
+def objective_options(cfg: Config) -> dict[str, Any]:
+    """The keyword options of the configured objective."""
+    return {
+        "pairwise": {"imputed_pair_weight": cfg.loss.imputed_pair_weight},
+        "gram": {"anchor": cfg.loss.gram_anchor},
+        "pmrl": {"tau1": cfg.loss.pmrl_tau1},
+    }[cfg.loss.objective]
+
+
 def rng_state() -> dict[str, Any]:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -155,6 +165,7 @@ class StepStats:
     samples_per_s: float
     data_wait_s: float
     step_time_s: float
+    completion_time_s: float  # calibrator E-step, statistics, M-step, imputation (or a baseline's fill)
 
 
 class Trainer:
@@ -177,6 +188,9 @@ class Trainer:
             config=deepspeed_config(cfg, self.world),
         )
         self.objective = OBJECTIVES[cfg.loss.objective]
+        self.objective_options = objective_options(cfg)
+        self.completion = Completion(cfg.calibration, MODALITIES, cfg.model.embed_dim, seed=cfg.train.seed)
+        self.completion.to(self.device)
         self.checkpointer = Checkpointer(self.out_dir / "checkpoints", cfg.train.keep_checkpoints)
         self.step = 0
         self.loader_state = LoaderState()
@@ -187,7 +201,8 @@ class Trainer:
 
     # -- checkpoints -------------------------------------------------------
     def save(self) -> Path:
-        state = {"loader": self._loader_position(), "rng": rng_state(), "config": self.cfg.to_dict()}
+        state = {"loader": self._loader_position(), "rng": rng_state(), "config": self.cfg.to_dict(),
+                 "completion": self.completion.state_dict()}
         return self.checkpointer.save(self.engine, self.step, state)
 
     def resume(self, tag: str = "latest") -> None:
@@ -195,6 +210,7 @@ class Trainer:
         self.step = int(state["step"])
         self.loader_state = LoaderState.from_dict(state["loader"])
         set_rng_state(state["rng"])
+        self.completion.load_state_dict(state["completion"])
 
     def _loader_position(self) -> dict[str, Any]:
         if isinstance(self.batches, BatchLoader):
@@ -219,6 +235,9 @@ class Trainer:
         loss_value = 0.0
         terms: dict[str, float] = {}
         present_counts = torch.zeros(len(MODALITIES), dtype=torch.long)
+        imputed_counts = torch.zeros(len(MODALITIES), dtype=torch.long)
+        log_likelihood = None
+        completion_time = 0.0
         for _ in range(self.cfg.train.grad_accum):
             t0 = time.perf_counter()
             batch = next(self.batches)
@@ -226,20 +245,32 @@ class Trainer:
             present_counts += batch["present"].sum(0)
             batch = self._to_device(batch)
             out = self.engine(batch)
-            losses = self.objective(out["emb"], batch["present"], out["logit_scale"], MODALITIES)
+            t1 = time.perf_counter()
+            done = self.completion.complete(out["emb"], batch["present"], self.step)
+            completion_time += time.perf_counter() - t1
+            imputed_counts += (done.available & ~done.observed).sum(0).cpu()
+            losses = self.objective(done.emb, done.observed, out["logit_scale"], MODALITIES,
+                                    available=done.available, **self.objective_options)
             self.engine.backward(losses["loss"])
             self.engine.step()
+            if (self.step + 1) % self.cfg.train.log_every == 0:
+                log_likelihood = self.completion.log_likelihood(out["emb"], batch["present"])
             loss_value += float(losses["loss_value"]) / self.cfg.train.grad_accum
             self._last_logit_scale = float(out["logit_scale"].detach()[0])
             for k, v in losses.items():
                 if k.startswith("loss/"):
                     terms[k] = terms.get(k, 0.0) + float(v) / self.cfg.train.grad_accum
         self.step += 1
+        t1 = time.perf_counter()
+        self.completion.end_step(self.step)
+        completion_time += time.perf_counter() - t1
         elapsed = time.perf_counter() - start
         samples = self.cfg.data.batch_size * self.cfg.train.grad_accum * self.world
         self._last_terms = terms
         self._last_present = present_counts
-        return StepStats(self.step, loss_value, samples / elapsed, data_wait, elapsed)
+        self._last_imputed = imputed_counts
+        self._last_log_likelihood = log_likelihood
+        return StepStats(self.step, loss_value, samples / elapsed, data_wait, elapsed, completion_time)
 
     def fit(self, resume: str | None = None) -> list[StepStats]:
         cfg = self.cfg
@@ -263,8 +294,11 @@ class Trainer:
                         "step": stats.step, "loss": stats.loss, **self._last_terms,
                         "lr": self.engine.get_lr()[0], "logit_scale": self._last_logit_scale,
                         "samples_per_s": stats.samples_per_s, "step_time_s": stats.step_time_s,
-                        "data_wait_s": stats.data_wait_s,
+                        "data_wait_s": stats.data_wait_s, "completion_time_s": stats.completion_time_s,
                         **{f"present/{m}": int(c) for m, c in zip(MODALITIES, self._last_present)},
+                        **{f"imputed/{m}": int(c) for m, c in zip(MODALITIES, self._last_imputed)},
+                        "calibrator/log_likelihood": self._last_log_likelihood,
+                        **self.completion.extra_metrics(),
                         "time": time.time(),
                     })
                 if cfg.train.ckpt_every and self.step % cfg.train.ckpt_every == 0 and self.step < stop_at:

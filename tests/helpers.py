@@ -23,6 +23,7 @@ def tiny_config(shards: str | Path, out_dir: str | Path, **sections: dict[str, A
                   "image": {"name": "cnn", "width": 32, "depth": 2},
                   "text": {"name": "transformer", "width": 32, "depth": 1, "heads": 2},
                   "audio": {"name": "conv1d", "width": 32, "depth": 2}},
+        "calibration": {"method": "calmrl", "warmup_steps": 3, "latent_dim": 8},
         "train": {"out_dir": str(out_dir), "steps": 30, "lr": 3e-3, "warmup_steps": 3,
                   "zero_stage": 1, "log_every": 1, "ckpt_every": 0},
     }

@@ -46,6 +46,8 @@ def test_build_train_eval(tmp_path):
     for metrics in results["retrieval"].values():
         assert 0.0 <= metrics["R@1"] <= metrics["R@5"] <= metrics["R@10"] <= 1.0
     assert "mean R@1" in evaluated.stdout
+    shift = results["anchor_shift"]  # the run used CalMRL: both anchors are reported
+    assert len(shift) == 6 and all("calibrated" in row for row in shift.values())
 
 
 def test_typo_in_config_fails_at_start(tmp_path):

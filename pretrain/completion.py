@@ -1,0 +1,125 @@
+"""Completing incomplete tuples before alignment: CalMRL and the baselines.
+
+`Completion` turns a batch of observed embeddings into what the objective
+aligns: embeddings for every modality, plus `observed` (encoded) and
+`available` (observed or filled) masks. The method decides how:
+
+- calmrl: the bi-step of METHOD.md. Step A (no gradient): E-step on detached
+  features, all-reduced statistics, M-step every `update_every` optimizer
+  steps. Step B: impute missing modalities with the current state (gradient
+  flows through the posterior mean into the observed encoders when
+  `grad_through_imputation`). During `warmup_steps` only observed modalities
+  are aligned while the calibrator is fitted.
+- observed_only: align what is present (the "local anchor" baseline).
+- drop_incomplete: only complete tuples take part in the loss.
+- mean_fill: a missing vector is the (running, all-ranks) mean of that
+  modality's embeddings, normalised; no gradient through the fill.
+
+Every rank calls `complete` and `end_step` at the same steps (they hold
+collectives), whatever its local data.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from pretrain.calibration import Calibrator
+from pretrain.config import CalibrationConfig
+from pretrain.distributed import all_reduce_sum
+
+
+@dataclass
+class Completed:
+    emb: dict[str, torch.Tensor]
+    observed: torch.Tensor  # [B, M] bool: encoded from data
+    available: torch.Tensor  # [B, M] bool: observed or filled in
+
+
+class MeanFiller(torch.nn.Module):
+    """Decayed running mean of each modality's embedding over all ranks."""
+
+    def __init__(self, num_modalities: int, dim: int, decay: float):
+        super().__init__()
+        self.decay = decay
+        self.register_buffer("sums", torch.zeros(num_modalities, dim, dtype=torch.float64))
+        self.register_buffer("counts", torch.zeros(num_modalities, dtype=torch.float64))
+
+    @torch.no_grad()
+    def update(self, emb: list[torch.Tensor], present: torch.Tensor) -> None:
+        mask = present.T.unsqueeze(-1).to(torch.float64)  # [M, B, 1]
+        stacked = torch.stack([e.detach().to(torch.float64) for e in emb])  # [M, B, D]
+        batch = torch.cat([(stacked * mask).sum(1), mask.sum(1)], dim=1)  # [M, D+1]
+        batch = all_reduce_sum(batch.to(self.sums.device))
+        self.sums.mul_(self.decay).add_(batch[:, :-1])
+        self.counts.mul_(self.decay).add_(batch[:, -1])
+
+    def means(self) -> torch.Tensor:
+        return self.sums / self.counts.clamp_min(1e-12).unsqueeze(1)
+
+
+class Completion(torch.nn.Module):
+    def __init__(self, cfg: CalibrationConfig, modalities: tuple[str, ...], dim: int, seed: int = 0):
+        super().__init__()
+        self.cfg = cfg
+        self.modalities = tuple(modalities)
+        self.calibrator: Calibrator | None = None
+        self.filler: MeanFiller | None = None
+        if cfg.method == "calmrl":
+            self.calibrator = Calibrator(
+                list(modalities), dim, cfg.latent_dim, decay=cfg.decay, sigma2_floor=cfg.sigma2_floor,
+                normalize_imputed=cfg.normalize_imputed, init_scale=cfg.init_scale, seed=seed,
+            )
+        elif cfg.method == "mean_fill":
+            self.filler = MeanFiller(len(modalities), dim, cfg.decay)
+
+    def imputing(self, step: int) -> bool:
+        """Whether step `step` (0-based optimizer step) aligns filled-in modalities."""
+        if self.cfg.method == "calmrl":
+            return step >= self.cfg.warmup_steps
+        return self.cfg.method == "mean_fill"
+
+    def complete(self, emb: dict[str, torch.Tensor], present: torch.Tensor, step: int) -> Completed:
+        method = self.cfg.method
+        has_any = present.any(1, keepdim=True)
+        if method == "drop_incomplete":
+            observed = present & present.all(1, keepdim=True)
+            return Completed(emb, observed, observed)
+        if method == "observed_only":
+            return Completed(emb, present, present)
+        if method == "mean_fill":
+            assert self.filler is not None
+            self.filler.update([emb[m] for m in self.modalities], present)
+            means = F.normalize(self.filler.means().to(present.device, torch.float32), dim=-1)
+            filled = {m: torch.where(present[:, i:i + 1], emb[m], means[i].to(emb[m].dtype))
+                      for i, m in enumerate(self.modalities)}
+            return Completed(filled, present, has_any.expand_as(present))
+        # calmrl: step A, statistics from detached features (every rank, every micro-step)
+        assert self.calibrator is not None
+        detached = {m: e.detach() for m, e in emb.items()}
+        self.calibrator.accumulate(detached, present)
+        if not self.imputing(step):
+            return Completed(emb, present, present)
+        # step B: impute with the current state
+        source = emb if self.cfg.grad_through_imputation else detached
+        imputed = self.calibrator.impute(source, present)
+        completed = {m: torch.where(present[:, i:i + 1], emb[m], imputed[m].to(emb[m].dtype))
+                     for i, m in enumerate(self.modalities)}
+        return Completed(completed, present, has_any.expand_as(present))
+
+    def end_step(self, step: int) -> None:
+        """After optimizer step `step` (1-based count of finished steps)."""
+        if self.calibrator is not None and step % self.cfg.update_every == 0:
+            self.calibrator.m_step()
+
+    def log_likelihood(self, emb: dict[str, torch.Tensor], present: torch.Tensor) -> float | None:
+        if self.calibrator is None or not present.any():
+            return None
+        return self.calibrator.log_likelihood({m: e.detach() for m, e in emb.items()}, present)
+
+    def extra_metrics(self) -> dict[str, Any]:
+        if self.calibrator is None:
+            return {}
+        return {f"calibrator/sigma2/{m}": float(s) for m, s in zip(self.modalities, self.calibrator.sigma2)}
