@@ -90,6 +90,15 @@ class CalibrationConfig:
 
 
 @dataclass
+class MetricsConfig:
+    """Prometheus endpoint on every rank, at port + local rank."""
+
+    enabled: bool = False
+    port: int = 9400  # 0 picks a free port (tests)
+    addr: str = "0.0.0.0"
+
+
+@dataclass
 class TrainConfig:
     out_dir: str = "runs/default"
     steps: int = 100  # optimizer steps
@@ -115,6 +124,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def validate(self, source: str = "<config>") -> None:

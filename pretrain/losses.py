@@ -8,7 +8,7 @@ all gathered columns. Logged `terms` are already global values.
 """
 from __future__ import annotations
 
-from itertools import combinations
+from itertools import combinations, permutations
 
 import torch
 import torch.nn.functional as F
@@ -29,9 +29,17 @@ def _directional_ce(
     vectors, not negatives). Rows whose own key is masked come out inf/nan:
     callers select valid rows before reducing.
     """
-    logits = scale * queries @ keys.T
+    return _masked_ce(scale * queries @ keys.T, key_available, offset)
+
+
+def _masked_ce(logits: torch.Tensor, key_available: torch.Tensor, offset: int) -> torch.Tensor:
+    """Per-row cross-entropy [B] of logits [B, N] with target column i+offset.
+
+    Columns not in `key_available` [N] are masked out (not negatives); rows
+    whose own column is masked come out inf/nan: callers select valid rows.
+    """
     logits = logits.masked_fill(~key_available.unsqueeze(0), float("-inf"))
-    targets = torch.arange(queries.shape[0], device=queries.device) + offset
+    targets = torch.arange(logits.shape[0], device=logits.device) + offset
     return F.cross_entropy(logits, targets, reduction="none")
 
 
@@ -76,7 +84,7 @@ def pairwise_infonce(
 
     # Zero-weight use of every embedding keeps every tower in the backward
     # graph on every rank (ZeRO stages 2 and 3 reduce gradients per parameter).
-    loss = sum(e.sum() for e in emb.values()) * 0.0 + logit_scale.sum() * 0.0
+    loss = _zero_in_graph(emb, logit_scale)
     partial_terms = torch.zeros(len(pairs), dtype=torch.float64, device=observed.device)
     for k in active:
         i, j = pairs[k]
@@ -97,4 +105,300 @@ def pairwise_infonce(
     return out
 
 
-OBJECTIVES = {"pairwise": pairwise_infonce}
+# --------------------------------------------------------------------------
+# Shared helpers of the joint (all-modality) objectives: GRAM and PMRL.
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Determinants and eigendecompositions run in fp32 at least (bf16/fp16 are too coarse)."""
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def _stack_available(
+    emb: dict[str, torch.Tensor], available: torch.Tensor, modalities: tuple[str, ...] | list[str]
+) -> torch.Tensor:
+    """[B, M, D] embeddings with unavailable slots set to exact zeros.
+
+    `torch.where` (not a product with the mask) so that garbage, inf or NaN in
+    unavailable rows can neither leak into the values nor into the gradients.
+    """
+    dtype = _compute_dtype(emb[modalities[0]].dtype)
+    x = torch.stack([emb[m].to(dtype) for m in modalities], 1)
+    return torch.where(available.unsqueeze(-1), x, torch.zeros((), dtype=dtype, device=x.device))
+
+
+def _zero_in_graph(emb: dict[str, torch.Tensor], logit_scale: torch.Tensor) -> torch.Tensor:
+    """An exact 0 that depends on every embedding and on the logit scale.
+
+    ZeRO reduces gradients per parameter, so every tower must be in the
+    backward graph on every rank. Unlike `e.sum() * 0.0`, this stays 0 (and
+    its gradient stays 0) when unavailable rows hold inf/NaN garbage.
+    """
+    zero = logit_scale.sum() * 0.0
+    for e in emb.values():
+        zero = zero + e.mul(0.0).nan_to_num(0.0, 0.0, 0.0).sum().to(zero.dtype)
+    return zero
+
+
+def _det(g: torch.Tensor) -> torch.Tensor:
+    """Determinant of [..., n, n].
+
+    For n <= 4 the Leibniz expansion: a polynomial, so its gradient (the
+    adjugate) is finite even for singular matrices, where the LU-based
+    backward of `torch.linalg.det` is not guaranteed to be. Larger n (five or
+    more modalities) falls back to `torch.linalg.det`.
+    """
+    n = g.shape[-1]
+    if n > 4:
+        return torch.linalg.det(g)
+    total = None
+    for perm in permutations(range(n)):
+        inversions = sum(perm[i] > perm[j] for i in range(n) for j in range(i + 1, n))
+        term = g[..., 0, perm[0]]
+        for r in range(1, n):
+            term = term * g[..., r, perm[r]]
+        term = -term if inversions % 2 else term
+        total = term if total is None else total + term
+    return total
+
+
+def _gram_volumes(
+    anchors: torch.Tensor, data: torch.Tensor, data_available: torch.Tensor, eps: float
+) -> torch.Tensor:
+    """Vol(a_p, x_q^1, ..., x_q^K) = sqrt(det G) for every pair (p, q) -> [P, Q].
+
+    anchors [P, D]; data [Q, K, D] (zeros where unavailable); data_available
+    [Q, K]. G is the (K+1)x(K+1) Gram matrix of [a_p, x_q^1..K]; the row and
+    column of an unavailable x_q^k are replaced by the identity's, which
+    leaves det G equal to the determinant over the available vectors only.
+    det is clamped at `eps` before the square root (finite gradients when the
+    vectors are (nearly) dependent; det < 0 can come from rounding).
+    """
+    p, (q, k, _) = anchors.shape[0], data.shape
+    aa = (anchors * anchors).sum(-1)  # [P]
+    cross = torch.einsum("pd,qkd->pqk", anchors, data)  # [P, Q, K], 0 where unavailable
+    dd = torch.einsum("qkd,qld->qkl", data, data)  # [Q, K, K]
+    both = data_available.unsqueeze(-1) & data_available.unsqueeze(-2)
+    eye = torch.eye(k, dtype=dd.dtype, device=dd.device)
+    dd = torch.where(both, dd, eye)
+    top = torch.cat([aa[:, None, None].expand(p, q, 1), cross], -1)  # [P, Q, K+1]
+    bottom = torch.cat([cross.unsqueeze(-1), dd.unsqueeze(0).expand(p, q, k, k)], -1)  # [P, Q, K, K+1]
+    gram = torch.cat([top.unsqueeze(-2), bottom], -2)  # [P, Q, K+1, K+1]
+    return _det(gram).clamp_min(eps).sqrt()
+
+
+def gram_volume(
+    emb: dict[str, torch.Tensor],
+    observed: torch.Tensor,
+    logit_scale: torch.Tensor,
+    modalities: tuple[str, ...] | list[str],
+    *,
+    available: torch.Tensor | None = None,
+    anchor: str = "text",
+    volume_eps: float = 1e-6,
+    **_,
+) -> dict[str, torch.Tensor]:
+    """GRAM volume alignment with anchor modality `anchor`.
+
+    For anchor a_i and the data of sample j, Vol(a_i, x_j, y_j, ...) =
+    sqrt(det G) with G the Gram matrix of [a_i, the non-anchor modalities
+    available for j] (an unavailable modality is left out of the volume).
+    logits = -Vol * logit_scale (logit_scale plays 1/tau). The loss is the
+    mean of two cross-entropies over the rows: anchor-to-data (a local anchor
+    against the data of every gathered sample) and data-to-anchor (the local
+    data against every gathered anchor).
+
+    Rows: samples whose anchor is available and that have at least one other
+    available modality. Candidate columns: samples with at least one
+    non-anchor modality available (anchor-to-data) / with the anchor
+    available (data-to-anchor). Each direction is the mean over the rows of
+    the global batch; the objective is 0.5 * (a2d + d2a).
+
+    `available` (default `observed`) marks observed or imputed vectors; only
+    it matters here (every row has an observed modality by construction).
+    Volumes are computed in fp32 at least. Returns {"loss", "loss_value",
+    "loss/<anchor>->data", "loss/data-><anchor>"}.
+    """
+    if anchor not in modalities:
+        raise ValueError(f"gram anchor {anchor!r} is not one of the modalities {list(modalities)}")
+    if len(modalities) < 2:
+        raise ValueError("gram needs at least two modalities")
+    available = observed if available is None else available
+    world, batch = world_size(), observed.shape[0]
+    offset = rank() * batch
+    a = list(modalities).index(anchor)
+    others = [m for m in range(len(modalities)) if m != a]
+
+    x = _stack_available(emb, available, modalities)  # [B, M, D]
+    x_all = gather_rows(x)  # [W*B, M, D], with gradient
+    available_all = gather_rows_nograd(available.to(torch.uint8)).bool()
+
+    rows = available[:, a] & available[:, others].any(1)
+    total = all_reduce_sum(rows.sum().to(torch.float64).reshape(1))[0]
+
+    loss = _zero_in_graph(emb, logit_scale)
+    partial_terms = torch.zeros(2, dtype=torch.float64, device=observed.device)
+    if total > 0:  # an all-reduced count: every rank takes the same branch
+        scale = logit_scale.to(x.dtype)
+        # anchor -> data: local anchors against the data of every gathered sample
+        vol_ad = _gram_volumes(x[:, a], x_all[:, others], available_all[:, others], volume_eps)
+        ad = _masked_ce(-scale * vol_ad, available_all[:, others].any(1), offset)
+        # data -> anchor: local data against every gathered anchor
+        vol_da = _gram_volumes(x_all[:, a], x[:, others], available[:, others], volume_eps).T
+        da = _masked_ce(-scale * vol_da, available_all[:, a], offset)
+        ad_term = ad[rows].sum() / total.to(ad.dtype)
+        da_term = da[rows].sum() / total.to(da.dtype)
+        partial_terms[0] = ad_term.detach().double()
+        partial_terms[1] = da_term.detach().double()
+        loss = loss + (0.5 * (ad_term + da_term) * world).to(loss.dtype)
+    global_terms = all_reduce_sum(partial_terms)
+    out: dict[str, torch.Tensor] = {"loss": loss}
+    if total > 0:
+        out[f"loss/{anchor}->data"] = global_terms[0].float()
+        out[f"loss/data->{anchor}"] = global_terms[1].float()
+    out["loss_value"] = (0.5 * global_terms.sum()).float()
+    return out
+
+
+class _SymmetricEig(torch.autograd.Function):
+    """`torch.linalg.eigh` of small symmetric matrices with a broadened backward.
+
+    The exact eigenvector gradient divides by eigenvalue gaps lam_j - lam_i:
+    inf when the two leading eigenvalues tie, and 0/0 = NaN in PyTorch's
+    backward even for ties between eigenvectors the loss does not use (e.g.
+    the zero eigenvalues of three identical vectors). Here 1/gap is replaced
+    by gap / (gap^2 + eps) ("Lorentzian broadening"): the same to relative
+    eps/gap^2 when eigenvalues are apart, 0 for an exact tie, and never larger
+    than 1 / (2 sqrt(eps)). The forward is the plain eigh (ascending).
+    """
+
+    @staticmethod
+    def forward(ctx, a: torch.Tensor, eps: float):
+        lam, vec = torch.linalg.eigh(a)
+        ctx.save_for_backward(lam, vec)
+        ctx.eps = eps
+        return lam, vec
+
+    @staticmethod
+    def backward(ctx, g_lam: torch.Tensor, g_vec: torch.Tensor):
+        lam, vec = ctx.saved_tensors
+        inner = vec.mT @ g_vec
+        inner = 0.5 * (inner - inner.mT)  # tangent space of the orthogonal group
+        gap = lam.unsqueeze(-2) - lam.unsqueeze(-1)  # [i, j] = lam_j - lam_i
+        inner = inner * gap / (gap * gap + ctx.eps)  # 0 on the diagonal
+        inner = inner + torch.diag_embed(g_lam)
+        return vec @ inner @ vec.mT, None
+
+
+def _leading_directions(
+    x: torch.Tensor, available: torch.Tensor, tau1: float, gap_eps: float, eig_floor: float,
+    sign_tol: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: the leading left singular vector u [B, D] of Z_i (its available
+    columns; zeros for a row with none) and the singular-value cross-entropy
+    CE(l / tau1, 0) [B] (0 for rows with fewer than two available columns).
+
+    Rows are grouped by availability pattern (at most 2^M - 1 groups; no loop
+    over samples), so Z_i has no zero columns. The SVD comes from eigh of the
+    |O|x|O| Gram matrix Z^T Z = V diag(l^2) V^T: l = sqrt(max(lam, eig_floor))
+    (the floor keeps the gradient finite at a zero singular value, e.g. two
+    identical vectors) and u = normalize(Z v_1), with the sign fixed so that
+    u . mean(columns of Z) > 0; where |u . mean| <= sign_tol (a tie), so
+    that u . (first available column, in modality order) >= 0. A single
+    available vector gives u = normalize(z).
+    """
+    n_rows, n_mod, dim = x.shape
+    weights = 2 ** torch.arange(n_mod, device=available.device)
+    codes = (available.long() * weights).sum(1)
+    u = x.new_zeros(n_rows, dim)
+    sv_ce = x.new_zeros(n_rows)
+    for code in torch.unique(codes).tolist():  # data-dependent, but no collectives inside
+        cols = [m for m in range(n_mod) if code >> m & 1]
+        if not cols:
+            continue
+        idx = (codes == code).nonzero().flatten()
+        z = x[idx][:, cols]  # [n, k, D]
+        if len(cols) == 1:
+            u = u.index_put((idx,), F.normalize(z[:, 0], dim=-1))
+            continue
+        lam, vec = _SymmetricEig.apply(z @ z.mT, gap_eps)  # ascending
+        lead = vec[..., -1]  # [n, k]
+        u_p = F.normalize((lead.unsqueeze(-1) * z).sum(1), dim=-1)
+        # Sign against the column mean; where that is (near) zero, against the
+        # first available column. The fallback matters: for two unit vectors
+        # with a negative cosine, u = normalize(z1 - z2) is exactly orthogonal
+        # to their mean, so the mean alone would leave the sign to rounding.
+        along_mean = (u_p * z.mean(1)).sum(-1)
+        reference = torch.where(along_mean.abs() > sign_tol, along_mean, (u_p * z[:, 0]).sum(-1))
+        sign = torch.where(reference < 0, -1.0, 1.0).to(u_p.dtype).detach()
+        u = u.index_put((idx,), u_p * sign.unsqueeze(-1))
+        singular = lam.clamp_min(eig_floor).sqrt().flip(-1)  # descending
+        target = torch.zeros(len(idx), dtype=torch.long, device=x.device)
+        sv_ce = sv_ce.index_put((idx,), F.cross_entropy(singular / tau1, target, reduction="none"))
+    return u, sv_ce
+
+
+def pmrl(
+    emb: dict[str, torch.Tensor],
+    observed: torch.Tensor,
+    logit_scale: torch.Tensor,
+    modalities: tuple[str, ...] | list[str],
+    *,
+    available: torch.Tensor | None = None,
+    tau1: float = 0.1,
+    eig_gap_eps: float = 1e-8,
+    eig_floor: float = 1e-6,
+    sign_tol: float = 1e-3,
+    **_,
+) -> dict[str, torch.Tensor]:
+    """PMRL: maximise each instance's leading singular value, contrast the leading directions.
+
+    Z_i stacks the available (observed or imputed) vectors of sample i;
+    l_1 >= l_2 >= ... are its singular values and u_i its leading left
+    singular vector, signed so that u_i . mean(columns of Z_i) > 0 (where
+    that is within `sign_tol` of 0, so that u_i . first column >= 0).
+        L = mean_i CE(l_i / tau1, target 0)          (rows with >= 2 available)
+          + symmetric CE of u_i . u_j * logit_scale over the global batch
+    (logit_scale plays 1/tau2; rows and candidate columns: samples with any
+    available modality). The score matrix u_i . u_j is symmetric and rows
+    and columns share one candidate set, so the column-wise cross-entropy
+    equals the row-wise one and the symmetric term is computed as the latter.
+    A term no sample of the global batch has is left out (all-reduced counts).
+
+    Finite gradients: see `_leading_directions` (eigenvalue floor
+    `eig_floor` on l^2) and `_SymmetricEig` (gap broadening `eig_gap_eps`).
+    Returns {"loss", "loss_value", "loss/singular_values", "loss/instance"}.
+    """
+    available = observed if available is None else available
+    world, batch = world_size(), observed.shape[0]
+    offset = rank() * batch
+    x = _stack_available(emb, available, modalities)
+    u, sv_ce = _leading_directions(x, available, tau1, eig_gap_eps, eig_floor, sign_tol)
+    u_all = gather_rows(u)  # with gradient, back to the owner of each row
+    available_all = gather_rows_nograd(available.to(torch.uint8)).bool()
+    multi = available.sum(1) >= 2
+    has_any, has_any_all = available.any(1), available_all.any(1)
+    totals = all_reduce_sum(torch.stack([multi.sum(), has_any.sum()]).to(torch.float64))
+
+    loss = _zero_in_graph(emb, logit_scale)
+    partial_terms = torch.zeros(2, dtype=torch.float64, device=observed.device)
+    active = [bool(t > 0) for t in totals]  # the same on every rank
+    if active[0]:
+        sv_term = sv_ce[multi].sum() / totals[0].to(sv_ce.dtype)
+        partial_terms[0] = sv_term.detach().double()
+        loss = loss + (sv_term * world).to(loss.dtype)
+    if active[1]:
+        ce = _directional_ce(u, u_all, has_any_all, offset, logit_scale.to(u.dtype))
+        inst_term = ce[has_any].sum() / totals[1].to(ce.dtype)
+        partial_terms[1] = inst_term.detach().double()
+        loss = loss + (inst_term * world).to(loss.dtype)
+    global_terms = all_reduce_sum(partial_terms)
+    out: dict[str, torch.Tensor] = {"loss": loss}
+    for k, name in enumerate(("singular_values", "instance")):
+        if active[k]:
+            out[f"loss/{name}"] = global_terms[k].float()
+    out["loss_value"] = global_terms.sum().float()
+    return out
+
+
+OBJECTIVES = {"pairwise": pairwise_infonce, "gram": gram_volume, "pmrl": pmrl}
