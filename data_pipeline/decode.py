@@ -47,7 +47,14 @@ def decode_image(data: bytes, size: int) -> torch.Tensor:
     """PNG/JPEG bytes -> float [3, size, size] in [-1, 1]."""
     try:
         with Image.open(io.BytesIO(data)) as img:
-            img = img.convert("RGB")
+            if img.mode in ("RGBA", "LA", "P") or "transparency" in img.info:
+                # Stamps and icons carry alpha: put them on white, not on the
+                # arbitrary colour hidden under transparent pixels.
+                rgba = img.convert("RGBA")
+                img = Image.new("RGB", rgba.size, (255, 255, 255))
+                img.paste(rgba, mask=rgba.getchannel("A"))
+            else:
+                img = img.convert("RGB")
             if img.size != (size, size):
                 img = img.resize((size, size), Image.Resampling.BICUBIC)
             array = np.asarray(img, dtype=np.float32)

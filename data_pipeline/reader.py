@@ -6,16 +6,26 @@ and deterministic: epoch e shuffles its own shards and its samples with seeds
 derived from (seed, reader, e). Its position is (epoch, samples taken from
 that epoch's shuffled stream), which is all a checkpoint needs to resume
 exactly: the resumed reader replays the same shuffle and skips undecoded
-samples up to the position.
+samples up to the position. In resampled mode a reader draws shards from the
+whole split with replacement and an epoch is `epoch_samples` long (virtual).
 
 Torch's DataLoader hands out batches from its workers round-robin. A worker
 does not own a fixed reader: on resume after N batches, worker w plays reader
 role (w + N) mod num_workers, so the batch order continues unchanged.
+
+Bad input: a sample that does not decode (corrupt image or audio, empty
+caption, no modality, entries missing from a truncated tar) is counted,
+logged once with its key and shard, and skipped; a shard whose tar breaks
+off is counted and the rest of it skipped. The counts travel with the
+batches (`LoaderState.bad_samples`). A missing shard or an unreachable store
+is an error that names it.
 """
 from __future__ import annotations
 
 import json
+import logging
 import random
+import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +34,7 @@ from typing import Any
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from data_pipeline.decode import (
     AUDIO_EXTENSIONS,
@@ -36,8 +47,11 @@ from data_pipeline.decode import (
     decode_text,
 )
 from data_pipeline.shards import read_index
+from data_pipeline.storage import StorageError, is_remote, join, list_names, open_read, read_bytes
 from data_pipeline.tokenizer import load_tokenizer
 from pretrain.config import MODALITIES, DataConfig
+
+log = logging.getLogger("calmrl.data")
 
 
 class DataError(RuntimeError):
@@ -50,41 +64,64 @@ class LoaderState:
 
     batches: int = 0
     roles: dict[int, tuple[int, int]] = field(default_factory=dict)  # role -> (epoch, offset)
+    bad: dict[int, int] = field(default_factory=dict)  # role -> bad samples met so far
+
+    @property
+    def bad_samples(self) -> int:
+        return sum(self.bad.values())
 
     def to_dict(self) -> dict[str, Any]:
-        return {"batches": self.batches, "roles": {str(k): list(v) for k, v in self.roles.items()}}
+        return {"batches": self.batches, "roles": {str(k): list(v) for k, v in self.roles.items()},
+                "bad": {str(k): v for k, v in self.bad.items()}}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "LoaderState":
-        return cls(batches=int(d["batches"]), roles={int(k): (int(v[0]), int(v[1])) for k, v in d["roles"].items()})
+        return cls(batches=int(d["batches"]),
+                   roles={int(k): (int(v[0]), int(v[1])) for k, v in d["roles"].items()},
+                   bad={int(k): int(v) for k, v in d.get("bad", {}).items()})
 
 
 @dataclass(frozen=True)
 class SplitInfo:
-    root: Path
+    root: str
     shards: list[str]
+    counts: list[int]
     num_samples: int
-    tokenizer_path: Path
+    tokenizer_json: str
     index: dict[str, Any]
+
+    @property
+    def count_of(self) -> dict[str, int]:
+        return dict(zip(self.shards, self.counts))
 
 
 def open_split(split_dir: str | Path) -> SplitInfo:
-    root = Path(split_dir)
+    """Read a split's index, check that every shard it lists exists, load its tokenizer."""
+    root = str(split_dir)
     index = read_index(root)
-    shards = [str(root / s["name"]) for s in index["shards"]]
-    for path in shards:
-        if not Path(path).is_file():
-            raise DataError(f"shard {path} listed in {root / 'index.json'} is missing; rebuild the split")
-    tokenizer_path = (root / index.get("tokenizer", "tokenizer.json")).resolve()
-    return SplitInfo(root, shards, int(index["num_samples"]), tokenizer_path, index)
+    names = [s["name"] for s in index["shards"]]
+    present = list_names(root)
+    for name in names:
+        if name not in present:
+            raise DataError(f"shard {join(root, name)} listed in {join(root, 'index.json')} is missing; "
+                            "rebuild the split or restore the shard")
+    tokenizer_rel = index.get("tokenizer", "tokenizer.json")
+    if is_remote(root):
+        tokenizer_url = join(root.rsplit("/", 1)[0], Path(tokenizer_rel).name) if tokenizer_rel.startswith("../") \
+            else join(root, tokenizer_rel)
+    else:
+        tokenizer_url = str((Path(root) / tokenizer_rel).resolve())
+    tokenizer_json = read_bytes(tokenizer_url).decode()
+    return SplitInfo(root, [join(root, n) for n in names], [int(s["count"]) for s in index["shards"]],
+                     int(index["num_samples"]), tokenizer_json, index)
 
 
 class SampleDecoder:
     """Raw tar sample (dict of bytes) -> decoded tensors + present mask."""
 
-    def __init__(self, cfg: DataConfig, tokenizer_path: Path):
+    def __init__(self, cfg: DataConfig, tokenizer_json: str):
         self.cfg = cfg
-        self.tokenizer = load_tokenizer(tokenizer_path, cfg.max_text_len)
+        self.tokenizer = load_tokenizer(tokenizer_json, cfg.max_text_len)
         self.audio = AudioFormat(cfg.sample_rate, cfg.audio_seconds, cfg.n_mels, cfg.n_fft, cfg.hop_length)
 
     @staticmethod
@@ -94,14 +131,36 @@ class SampleDecoder:
                 return raw[ext]
         return None
 
-    def __call__(self, raw: dict[str, Any]) -> dict[str, Any]:
+    def _pick_track(self, raw: dict[str, Any], meta: dict[str, Any], epoch: int) -> bytes | None:
+        tracks = [t for t in meta.get("audio_tracks", []) if t.get("name") in raw]
+        if not tracks:
+            return self._find(raw, AUDIO_EXTENSIONS)
+        policy = self.cfg.audio_policy
+        if policy == "first":
+            return raw[tracks[0]["name"]]
+        if policy != "random":
+            kind, _, lang = policy.partition(":")
+            matching = [t for t in tracks if t.get("kind") == kind and (not lang or t.get("lang") == lang)]
+            tracks = matching or tracks
+        rng = random.Random(f"{self.cfg.seed}/{raw.get('__key__')}/{epoch}")
+        return raw[rng.choice(tracks)["name"]]
+
+    def __call__(self, raw: dict[str, Any], epoch: int = 0) -> dict[str, Any]:
         key, shard = raw.get("__key__", "?"), raw.get("__url__", "?")
         try:
+            if "json" not in raw:
+                raise DecodeError("metadata (KEY.json) missing: the shard may be truncated")
+            meta = json.loads(raw["json"])
             out: dict[str, Any] = {"key": key}
             image = self._find(raw, IMAGE_EXTENSIONS)
             text = self._find(raw, TEXT_EXTENSIONS)
-            audio = self._find(raw, AUDIO_EXTENSIONS)
-            meta = json.loads(raw["json"]) if "json" in raw else {}
+            audio = self._pick_track(raw, meta, epoch)
+            found = [m for m, v in zip(MODALITIES, (image, text, audio)) if v is not None]
+            listed = meta.get("modalities")
+            if listed is not None and set(listed) != set(found):
+                raise DecodeError(f"metadata lists {listed} but the shard holds {found}")
+            if not found:
+                raise DecodeError("sample holds no modality")
             if image is not None:
                 out["image"] = decode_image(image, self.cfg.image_size)
             if text is not None:
@@ -111,11 +170,9 @@ class SampleDecoder:
             if audio is not None:
                 out["audio"] = decode_audio(audio, self.audio)
             out["present"] = torch.tensor([m in out for m in MODALITIES], dtype=torch.bool)
-            if not out["present"].any():
-                raise DecodeError("sample holds no modality")
             out["label"] = int(meta.get("label", -1))
             return out
-        except (DecodeError, json.JSONDecodeError) as exc:
+        except (DecodeError, json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise DataError(f"sample '{key}' in shard {shard}: {exc}") from exc
 
 
@@ -144,6 +201,41 @@ def collate(samples: list[dict[str, Any]], cfg: DataConfig, audio: AudioFormat, 
     return batch
 
 
+class BadInputLog:
+    """Counts bad samples and shards; logs each (key, shard) once per process."""
+
+    def __init__(self, start: int = 0):
+        self.count = start
+        self._seen: set[str] = set()
+
+    def record(self, what: str, message: str) -> None:
+        self.count += 1
+        if what not in self._seen:
+            self._seen.add(what)
+            log.warning("skipped %s", message)
+
+
+def raw_samples(shards: list[str], bad: BadInputLog, counts: dict[str, int] | None = None) -> Iterator[dict[str, Any]]:
+    """Samples of the shards in order. A shard that breaks off mid-way (a tar
+    error, or fewer samples than its index entry) is counted and its rest
+    skipped; a shard that cannot be opened is an error."""
+    for url in shards:
+        stream = open_read(url)  # raises StorageError naming a missing shard or a dead store
+        read = 0
+        try:
+            expanded = tar_file_expander(iter([{"url": url, "stream": stream}]))
+            for sample in group_by_keys(expanded):
+                read += 1
+                yield sample
+            expected = (counts or {}).get(url)
+            if expected is not None and read < expected:
+                bad.record(f"shard:{url}", f"the rest of shard {url}: it ends after {read} of {expected} samples")
+        except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
+            bad.record(f"shard:{url}", f"the rest of shard {url}: it breaks off ({type(exc).__name__}: {exc})")
+        finally:
+            stream.close()
+
+
 class ShardStream(IterableDataset):
     """Infinite, resumable stream of full batches for one rank (see module doc)."""
 
@@ -154,11 +246,11 @@ class ShardStream(IterableDataset):
         self.rank, self.world_size = rank, world_size
         self.num_roles = max(cfg.num_workers, 1)
         self.num_readers = world_size * self.num_roles
-        if len(self.split.shards) < self.num_readers:
+        if len(self.split.shards) < self.num_readers and not cfg.resampled:
             raise DataError(
                 f"{cfg.shards} has {len(self.split.shards)} shards, fewer than the "
                 f"{self.num_readers} readers ({world_size} ranks x {self.num_roles} workers); "
-                "rebuild it with a smaller --shard-size or lower data.num_workers"
+                "rebuild it with a smaller --shard-size, lower data.num_workers, or set data.resampled"
             )
         self.state = state or LoaderState()
         self.audio = AudioFormat(cfg.sample_rate, cfg.audio_seconds, cfg.n_mels, cfg.n_fft, cfg.hop_length)
@@ -168,34 +260,51 @@ class ShardStream(IterableDataset):
         worker = info.id if info is not None else 0
         return (worker + self.state.batches) % self.num_roles
 
-    def _epoch_samples(self, reader: int, epoch: int) -> Iterator[dict[str, Any]]:
-        shards = self.split.shards[reader :: self.num_readers]
+    def _epoch_samples(self, reader: int, epoch: int, bad: BadInputLog) -> Iterator[dict[str, Any]]:
         rng = random.Random(f"{self.cfg.seed}/{reader}/{epoch}")
-        shards = rng.sample(shards, len(shards))
-        raw = wds.tarfile_to_samples()(iter([{"url": url} for url in shards]))
+        if self.cfg.resampled:
+            own = len(self.split.shards) // self.num_readers or 1
+            length = self.cfg.epoch_samples or sum(self.split.counts) // self.num_readers
+            shards = rng.choices(self.split.shards, k=own)
+
+            def endless() -> Iterator[dict[str, Any]]:
+                nonlocal shards
+                while True:
+                    yield from raw_samples(shards, bad, self.split.count_of)
+                    shards = rng.choices(self.split.shards, k=own)
+
+            raw: Iterator[dict[str, Any]] = (s for _, s in zip(range(length), endless()))
+        else:
+            shards = self.split.shards[reader :: self.num_readers]
+            raw = raw_samples(rng.sample(shards, len(shards)), bad, self.split.count_of)
         if self.cfg.shuffle_buffer > 1:
             raw = wds.shuffle(self.cfg.shuffle_buffer, initial=self.cfg.shuffle_buffer, rng=rng)(raw)
         return raw
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        decoder = SampleDecoder(self.cfg, self.split.tokenizer_path)
+        decoder = SampleDecoder(self.cfg, self.split.tokenizer_json)
         role = self._role()
         reader = self.rank * self.num_roles + role
         epoch, offset = self.state.roles.get(role, (0, 0))
+        bad = BadInputLog(self.state.bad.get(role, 0))
         pending: list[dict[str, Any]] = []
         while True:
             taken = 0
-            for taken, raw in enumerate(self._epoch_samples(reader, epoch), start=1):
+            for taken, raw in enumerate(self._epoch_samples(reader, epoch, bad), start=1):
                 if taken <= offset:
                     continue  # already consumed before the checkpoint: skip undecoded
-                pending.append(decoder(raw))
+                try:
+                    pending.append(decoder(raw, epoch))
+                except DataError as exc:
+                    bad.record(f"{raw.get('__url__')}/{raw.get('__key__')}", str(exc))
                 if len(pending) == self.cfg.batch_size:
                     batch = collate(pending, self.cfg, self.audio, self.cfg.batch_size)
-                    batch["_position"] = torch.tensor([role, epoch, taken])
+                    batch["_position"] = torch.tensor([role, epoch, taken, bad.count])
                     yield batch
                     pending = []
             if taken == 0:
-                raise DataError(f"reader {reader} of {self.cfg.shards} got no sample in epoch {epoch}")
+                raise DataError(f"reader {reader} of {self.cfg.shards} got no sample in epoch {epoch}: "
+                                "its shards are empty or unreadable")
             epoch, offset = epoch + 1, 0
 
 
@@ -223,24 +332,34 @@ class BatchLoader:
         if self._iter is None:
             self._iter = iter(self.loader)
         batch = next(self._iter)
-        role, epoch, offset = (int(v) for v in batch.pop("_position"))
+        role, epoch, offset, bad = (int(v) for v in batch.pop("_position"))
         self.state.roles[role] = (epoch, offset)
+        self.state.bad[role] = bad
         self.state.batches += 1
         return batch
 
 
-def iterate_split(cfg: DataConfig, split_dir: str | Path, batch_size: int) -> Iterator[dict[str, Any]]:
+def iterate_split(cfg: DataConfig, split_dir: str | Path, batch_size: int,
+                  bad: BadInputLog | None = None) -> Iterator[dict[str, Any]]:
     """One ordered pass over every sample of a split, in one process (evaluation).
 
-    The last batch is padded with absent rows (their `key` is "")."""
+    Bad samples are counted in `bad` and skipped. The last batch is padded
+    with absent rows (their `key` is "")."""
     split = open_split(split_dir)
-    decoder = SampleDecoder(cfg, split.tokenizer_path)
+    decoder = SampleDecoder(cfg, split.tokenizer_json)
     audio = AudioFormat(cfg.sample_rate, cfg.audio_seconds, cfg.n_mels, cfg.n_fft, cfg.hop_length)
+    bad = bad if bad is not None else BadInputLog()
     pending: list[dict[str, Any]] = []
-    for raw in wds.tarfile_to_samples()(iter([{"url": url} for url in split.shards])):
-        pending.append(decoder(raw))
+    for raw in raw_samples(split.shards, bad, split.count_of):
+        try:
+            pending.append(decoder(raw))
+        except DataError as exc:
+            bad.record(f"{raw.get('__url__')}/{raw.get('__key__')}", str(exc))
         if len(pending) == batch_size:
             yield collate(pending, cfg, audio, batch_size)
             pending = []
     if pending:
         yield collate(pending, cfg, audio, batch_size)
+
+
+__all__ = ["BatchLoader", "DataError", "LoaderState", "ShardStream", "StorageError", "iterate_split", "open_split"]

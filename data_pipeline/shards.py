@@ -131,10 +131,16 @@ class ShardSetWriter:
 
 
 def read_index(split_dir: str | Path) -> dict[str, Any]:
-    path = Path(split_dir) / INDEX_NAME
-    if not path.is_file():
+    """The index of a complete split, local or on S3."""
+    from data_pipeline.storage import StorageError, join, read_bytes
+
+    url = join(split_dir, INDEX_NAME)
+    try:
+        return json.loads(read_bytes(url))
+    except StorageError as exc:
+        if "does not exist" not in str(exc):
+            raise
         raise FileNotFoundError(
-            f"{path} not found: '{split_dir}' is not a complete shard split. "
+            f"{url} not found: '{split_dir}' is not a complete shard split. "
             "Build one with `calmrl data build --source synthetic --out DIR`."
-        )
-    return json.loads(path.read_text())
+        ) from exc

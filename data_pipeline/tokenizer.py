@@ -20,12 +20,15 @@ def train_tokenizer(captions: Iterable[str], vocab_size: int = 2000) -> Tokenize
     return tok
 
 
-def load_tokenizer(path: str | Path, max_len: int) -> Tokenizer:
-    """Load a tokenizer.json with padding and truncation to exactly `max_len` ids."""
-    tok = Tokenizer.from_file(str(path))
+def load_tokenizer(source: str | Path, max_len: int) -> Tokenizer:
+    """A tokenizer (a tokenizer.json path, or its JSON text) padding and
+    truncating to exactly `max_len` ids."""
+    text = str(source)
+    tok = Tokenizer.from_str(text) if text.lstrip().startswith("{") else Tokenizer.from_file(text)
     pad_id = tok.token_to_id(PAD)
     if pad_id is None:
-        raise ValueError(f"{path}: tokenizer has no {PAD} token; rebuild it with `calmrl data build`")
+        where = "tokenizer" if text.lstrip().startswith("{") else text
+        raise ValueError(f"{where}: tokenizer has no {PAD} token; rebuild it with `calmrl data build`")
     tok.enable_padding(pad_id=pad_id, pad_token=PAD, length=max_len)
     tok.enable_truncation(max_length=max_len)
     return tok

@@ -36,6 +36,11 @@ class DataConfig:
     n_mels: int = 32
     n_fft: int = 256
     hop_length: int = 128
+    # Which of a sample's audio tracks to use: "random" (a new draw per epoch),
+    # "first", or "KIND" / "KIND:LANG" (e.g. "description:en"), falling back to random.
+    audio_policy: str = "random"
+    resampled: bool = False  # draw shards with replacement; epochs become virtual
+    epoch_samples: int = 0  # resampled mode: samples per reader per virtual epoch (0: its shards' count)
 
 
 @dataclass

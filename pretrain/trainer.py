@@ -127,7 +127,7 @@ def seed_everything(seed: int) -> None:
 
 def vocab_size_of(cfg: Config) -> int:
     split = open_split(cfg.data.shards)
-    return load_tokenizer(split.tokenizer_path, cfg.data.max_text_len).get_vocab_size()
+    return load_tokenizer(split.tokenizer_json, cfg.data.max_text_len).get_vocab_size()
 
 
 def build_model(cfg: Config, vocab_size: int) -> MultiModalModel:

@@ -11,11 +11,12 @@ import torch
 from tests.helpers import run_distributed, tiny_config
 
 
-def _train(rank: int, world: int, shards: str, out_dir: str, train: dict, drop_audio_on_rank: int = -1):
+def _train(rank: int, world: int, shards: str, out_dir: str, train: dict, drop_audio_on_rank: int = -1,
+           sections: dict | None = None):
     from data_pipeline.reader import BatchLoader
     from pretrain.trainer import Trainer
 
-    cfg = tiny_config(shards, out_dir, train=train)
+    cfg = tiny_config(shards, out_dir, train=train, **(sections or {}))
     batches = None
     if rank == drop_audio_on_rank:
         def without_audio(loader):
@@ -50,6 +51,21 @@ def test_zero3_rank_without_audio_completes(synthetic_dir, tmp_path):
                              {"zero_stage": 3, "steps": 6}, 1, timeout=240)
     assert len(losses[0]) == len(losses[1]) == 6  # steps 4-6 impute the audio rank 1 lacks
     assert all(torch.isfinite(torch.tensor(losses[0])))
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("objective,method", [("gram", "calmrl"), ("pmrl", "calmrl"),
+                                              ("pairwise", "mean_fill"), ("pairwise", "drop_incomplete")])
+def test_objectives_and_baselines_train(synthetic_dir, tmp_path, objective, method):
+    sections = {"loss": {"objective": objective}, "calibration": {"method": method, "warmup_steps": 2}}
+    losses = run_distributed(_train, 2, tmp_path / "ipc", str(synthetic_dir / "train"), str(tmp_path / "run"),
+                             {"zero_stage": 3, "steps": 6}, -1, sections, timeout=240)
+    assert losses[0] == pytest.approx(losses[1]) and len(losses[0]) == 6
+    assert all(torch.isfinite(torch.tensor(losses[0])))
+    log = (tmp_path / "run" / "log.jsonl").read_text().splitlines()
+    last = __import__("json").loads(log[-1])
+    imputed = sum(last[f"imputed/{m}"] for m in ("image", "text", "audio"))
+    assert (imputed > 0) == (method in ("calmrl", "mean_fill"))
 
 
 def _fp32_weights(run: Path) -> dict[str, torch.Tensor]:

@@ -1,0 +1,81 @@
+"""Data sources that `calmrl data build` turns into shard sets.
+
+`SOURCES` maps a source name to a builder: a function taking `BuildOptions`
+and returning a `BuildReport` after writing `out/{train,val,test}/` (shards
+and `index.json`) and `out/tokenizer.json`. Builders are imported on first
+use, so importing this registry (the CLI does, to list the names) stays cheap.
+
+Every source writes the same sample format (see `common.py`): `KEY.json`
+metadata, `KEY.png|jpg|webp`, `KEY.txt` (an English caption) and any number of
+audio tracks `KEY.audio{i}.{ogg,flac,wav}` listed in the metadata's
+`audio_tracks`.
+"""
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SPLITS = ("train", "val", "test")
+DEFAULT_SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
+
+
+class SourceError(ValueError):
+    """Input data that cannot be turned into shards; the message names the file and the fix."""
+
+
+@dataclass
+class BuildOptions:
+    out: Path
+    shard_size: int = 250
+    input: Path | None = None  # folder or manifest (folder, jsonl)
+    cache: Path | None = None  # download cache (tuxpaint)
+    seed: int = 0  # synthetic: the generator; real sources: salt of the split hash (0 = no salt)
+    split_fractions: tuple[float, float, float] | None = None  # None: the source's default
+    skip_bad: bool = False  # count and skip undecodable records instead of failing
+    progress: bool = True
+    num_samples: int | None = None  # synthetic only
+    image_size: int | None = None  # synthetic only
+    vocab_size: int = 2000
+
+
+@dataclass
+class BuildReport:
+    indexes: dict[str, dict[str, Any]]  # split -> the index written for it
+    summary: str  # one line for the terminal
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+Builder = Callable[[BuildOptions], BuildReport]
+
+
+def _lazy(module: str, name: str) -> Builder:
+    def build(opts: BuildOptions) -> BuildReport:
+        return getattr(importlib.import_module(module), name)(opts)
+
+    build.__name__ = name
+    build.__qualname__ = name
+    build.__doc__ = f"Build shards with {module}.{name} (imported on first use)."
+    return build
+
+
+SOURCES: dict[str, Builder] = {
+    "synthetic": _lazy("data_pipeline.sources.common", "build_synthetic_source"),
+    "tuxpaint": _lazy("data_pipeline.sources.tuxpaint", "build_tuxpaint"),
+    "folder": _lazy("data_pipeline.sources.folder", "build_folder"),
+    "jsonl": _lazy("data_pipeline.sources.jsonl", "build_jsonl"),
+}
+
+
+def parse_split_fractions(text: str) -> tuple[float, float, float]:
+    """'0.8,0.1,0.1' -> (0.8, 0.1, 0.1); three non-negative numbers summing to 1."""
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise SourceError(f"--split-fractions '{text}': expected three numbers like 0.8,0.1,0.1") from None
+    if len(values) != 3 or any(v < 0 for v in values) or abs(sum(values) - 1.0) > 1e-6:
+        raise SourceError(f"--split-fractions '{text}': expected three non-negative fractions "
+                          "(train,val,test) summing to 1, like 0.8,0.1,0.1")
+    return values  # type: ignore[return-value]
