@@ -44,7 +44,6 @@ def _s3(endpoint: str | None, pid: int) -> Any:
     timeout = float(os.environ.get("CALMRL_S3_TIMEOUT_S", "5"))
     return s3fs.S3FileSystem(
         endpoint_url=endpoint,
-        retries=attempts,
         skip_instance_cache=True,
         config_kwargs={"connect_timeout": timeout, "read_timeout": timeout * 6,
                        "retries": {"max_attempts": attempts, "mode": "standard"}},
