@@ -25,6 +25,8 @@ from tqdm import tqdm
 
 from data_pipeline.reader import BatchLoader, LoaderState, open_split
 from data_pipeline.tokenizer import load_tokenizer
+from cluster.metrics import MetricsExporter
+from evals.anchor_shift import anchor_shift
 from pretrain.checkpoint import Checkpointer
 from pretrain.completion import Completion
 from pretrain.config import MODALITIES, Config
@@ -195,6 +197,8 @@ class Trainer:
         self.step = 0
         self.loader_state = LoaderState()
         self._external_batches = batches
+        self._last_complete_emb: dict[str, torch.Tensor] | None = None
+        self.metrics = MetricsExporter(cfg.metrics, self.rank, int(os.environ.get("LOCAL_RANK", 0)))
         self.batches: Iterator[dict[str, Any]] | None = None
         self.float_dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
         seed_everything(cfg.train.seed + 1000 * self.rank)
@@ -218,6 +222,34 @@ class Trainer:
         return self.loader_state.to_dict()
 
     # -- the loop ----------------------------------------------------------
+    def _record(self, stats: StepStats, with_anchor_shift: bool) -> dict[str, Any]:
+        """What one step reports: the JSONL log line and the Prometheus metrics."""
+        record: dict[str, Any] = {
+            "step": stats.step, "loss": stats.loss, **self._last_terms,
+            "lr": self.engine.get_lr()[0], "logit_scale": self._last_logit_scale,
+            "samples_per_s": stats.samples_per_s, "step_time_s": stats.step_time_s,
+            "data_wait_s": stats.data_wait_s, "completion_time_s": stats.completion_time_s,
+            **{f"present/{m}": int(c) for m, c in zip(MODALITIES, self._last_present)},
+            **{f"imputed/{m}": int(c) for m, c in zip(MODALITIES, self._last_imputed)},
+            "calibrator/log_likelihood": self._last_log_likelihood,
+            **self.completion.extra_metrics(),
+        }
+        if isinstance(self.batches, BatchLoader):
+            record["bad_samples"] = self.batches.state.bad_samples
+        if with_anchor_shift and self._last_complete_emb is not None:
+            record.update(self._batch_anchor_shift(self._last_complete_emb))
+        record["time"] = time.time()
+        return record
+
+    def _batch_anchor_shift(self, emb: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Mean anchor shift over missing patterns on this batch's complete rows."""
+        calibrator = self.completion.calibrator
+        shift = anchor_shift(emb, calibrator, MODALITIES)
+        out = {"anchor_shift/observed_only": sum(r["observed_only"] for r in shift.values()) / len(shift)}
+        if calibrator is not None:
+            out["anchor_shift/calibrated"] = sum(r["calibrated"] for r in shift.values()) / len(shift)
+        return out
+
     def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
         out = {}
         for k, v in batch.items():
@@ -255,6 +287,9 @@ class Trainer:
             self.engine.step()
             if (self.step + 1) % self.cfg.train.log_every == 0:
                 log_likelihood = self.completion.log_likelihood(out["emb"], batch["present"])
+                complete = batch["present"].all(1)
+                self._last_complete_emb = ({m: e.detach()[complete].float().cpu() for m, e in out["emb"].items()}
+                                           if int(complete.sum()) >= 2 else None)
             loss_value += float(losses["loss_value"]) / self.cfg.train.grad_accum
             self._last_logit_scale = float(out["logit_scale"].detach()[0])
             for k, v in losses.items():
@@ -289,18 +324,11 @@ class Trainer:
                 stats = self.train_step()
                 history.append(stats)
                 log.advance()
-                if self.step % cfg.train.log_every == 0 or self.step == stop_at:
-                    log.write({
-                        "step": stats.step, "loss": stats.loss, **self._last_terms,
-                        "lr": self.engine.get_lr()[0], "logit_scale": self._last_logit_scale,
-                        "samples_per_s": stats.samples_per_s, "step_time_s": stats.step_time_s,
-                        "data_wait_s": stats.data_wait_s, "completion_time_s": stats.completion_time_s,
-                        **{f"present/{m}": int(c) for m, c in zip(MODALITIES, self._last_present)},
-                        **{f"imputed/{m}": int(c) for m, c in zip(MODALITIES, self._last_imputed)},
-                        "calibrator/log_likelihood": self._last_log_likelihood,
-                        **self.completion.extra_metrics(),
-                        "time": time.time(),
-                    })
+                due = self.step % cfg.train.log_every == 0 or self.step == stop_at
+                record = self._record(stats, with_anchor_shift=due)
+                self.metrics.observe_step(record)
+                if due:
+                    log.write(record)
                 if cfg.train.ckpt_every and self.step % cfg.train.ckpt_every == 0 and self.step < stop_at:
                     self.save()
                 if cfg.train.stop_at and self.step >= cfg.train.stop_at:
@@ -308,4 +336,5 @@ class Trainer:
             self.save()
         finally:
             log.close()
+            self.metrics.close()
         return history

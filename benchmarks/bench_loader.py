@@ -1,0 +1,99 @@
+"""Loader throughput against the bare limit.
+
+The bare limit iterates the same tar files with Python's tarfile in one
+process and decodes every entry with the same decoders (PIL, soundfile +
+librosa, tokenizers), with no framework, no shuffle, no collation. The loader
+is `BatchLoader` (webdataset tar streaming, shuffle buffer, DataLoader
+workers, collation into the batch contract) with 1 and 2 workers.
+
+    python benchmarks/bench_loader.py SPLIT_DIR [SPLIT_DIR ...] [--samples 2000] [--batch 32]
+
+Goal (issue 4): per worker at least 0.9x the bare limit.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from data_pipeline.decode import AudioFormat, decode_audio, decode_image, decode_text  # noqa: E402
+from data_pipeline.reader import BatchLoader, SampleDecoder, open_split  # noqa: E402
+from data_pipeline.tokenizer import load_tokenizer  # noqa: E402
+from pretrain.config import DataConfig  # noqa: E402
+
+
+def bare_limit(cfg: DataConfig, limit: int) -> float:
+    split = open_split(cfg.shards)
+    tok = load_tokenizer(split.tokenizer_json, cfg.max_text_len)
+    fmt = AudioFormat(cfg.sample_rate, cfg.audio_seconds, cfg.n_mels, cfg.n_fft, cfg.hop_length)
+    policy = SampleDecoder(cfg, split.tokenizer_json)
+    done, start = 0, time.perf_counter()
+    while done < limit:
+        for url in split.shards:
+            current: dict[str, bytes] = {}
+            key = None
+            with tarfile.open(url) as tar:
+                members = [(m.name, tar.extractfile(m).read()) for m in tar if m.isfile()]
+            members.append(("__end__.x", b""))
+            for name, data in members:
+                k, ext = name.split(".", 1)
+                if key is not None and k != key:
+                    meta = json.loads(current.get("json", b"{}"))
+                    if "png" in current:
+                        decode_image(current["png"], cfg.image_size)
+                    if "txt" in current:
+                        tok.encode(decode_text(current["txt"]))
+                    audio = policy._pick_track({**current, "__key__": key}, meta, 0)
+                    if audio is not None:
+                        decode_audio(audio, fmt)
+                    done += 1
+                    current = {}
+                    if done >= limit:
+                        break
+                key = k
+                current[ext] = data
+            if done >= limit:
+                break
+    return done / (time.perf_counter() - start)
+
+
+def loader_rate(cfg: DataConfig, limit: int) -> float:
+    loader = BatchLoader(cfg, 0, 1)
+    next(loader)  # workers started, first batch out
+    batches = max(1, limit // cfg.batch_size)
+    start = time.perf_counter()
+    for _ in range(batches):
+        next(loader)
+    return batches * cfg.batch_size / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("splits", nargs="+")
+    parser.add_argument("--samples", type=int, default=1500)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--image-size", type=int, default=32)
+    args = parser.parse_args()
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    for split in args.splits:
+        base = DataConfig(shards=split, batch_size=args.batch, shuffle_buffer=256, image_size=args.image_size)
+        bare = bare_limit(base, args.samples)
+        print(f"{split}: bare limit {bare:8.1f} samples/s (one process, tarfile + decoders)")
+        for workers in (1, 2):
+            cfg = DataConfig(**{**base.__dict__, "num_workers": workers})
+            rate = loader_rate(cfg, args.samples)
+            print(f"  loader, {workers} worker(s): {rate:8.1f} samples/s = {rate / bare:.2f}x bare, "
+                  f"{rate / workers / bare:.2f}x per worker")
+    print("goal: >= 0.90x the bare limit per worker")
+
+
+if __name__ == "__main__":
+    main()
