@@ -9,7 +9,7 @@ DEMO_RUN ?= runs/demo
 # DeepSpeed compiles its CPU comm op once; keep the build with the checkout.
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
-.PHONY: install demo test data clean
+.PHONY: install system-deps demo test data clean
 
 # torch is pinned to the CPU build this machine ships (see README for GPUs);
 # DS_BUILD_OPS=0 makes DeepSpeed a pure-Python install (ops JIT-compile on use).
@@ -32,7 +32,12 @@ demo: data
 	$(BIN)/calmrl train configs/tiny_cpu.yaml --nproc 2 --data.shards=$(DEMO_DATA)/train --train.out_dir=$(DEMO_RUN)
 	$(BIN)/calmrl eval $(DEMO_RUN) --data $(DEMO_DATA)/test
 
-test: $(BIN)/.installed
+# Real servers the integration tests start on loopback (Prometheus, Slurm):
+# Debian packages, installed when missing (needs root or sudo then).
+system-deps:
+	bash scripts/install_system_deps.sh
+
+test: $(BIN)/.installed system-deps
 	$(BIN)/python -m pytest
 
 clean:
