@@ -253,8 +253,11 @@ class Calibrator(torch.nn.Module):
         b_i; detach the input for no gradient.
         """
         present = self._check_present(present)
+        return self._complete(z, present, self.e_step(z, present), normalize)
+
+    def _complete(self, z: Mapping[str, Tensor], present: Tensor, result: Posterior,
+                  normalize: bool | None) -> dict[str, Tensor]:
         normalize = self.normalize_imputed if normalize is None else normalize
-        result = self.e_step(z, present)
         fallback_dtype = next(iter(z.values())).dtype if z else self.dtype
         completed = {}
         for j, name in enumerate(self.modalities):
@@ -330,18 +333,40 @@ class Calibrator(torch.nn.Module):
         not depend on ``N``). The calibrator must live on a device the backend can reduce
         (CUDA for NCCL). ``decay`` overrides the constructor's value for this call.
         """
-        decay = self.decay if decay is None else decay
         present = self._check_present(present)
         detached = {name: features.detach() for name, features in z.items()}
         groups = _pattern_groups(present)
         observed_features = self._observed_features(detached, present)
         centred = self._centred_features(observed_features, present)
-        result = self._posterior(centred, groups)
+        self._fold_statistics(observed_features, present, self._posterior(centred, groups), decay)
+
+    def _fold_statistics(self, observed_features: list[Tensor], present: Tensor, result: Posterior,
+                         decay: float | None) -> None:
+        decay = self.decay if decay is None else decay
         batch = self._batch_statistics(observed_features, present, result)
         batch = self._all_reduce_statistics(batch)
         for name, value in batch.items():
             running = getattr(self, name)
             running.mul_(decay).add_(value)
+
+    def accumulate_and_impute(
+        self, z: Mapping[str, Tensor], present: Tensor, *, normalize: bool | None = None
+    ) -> dict[str, Tensor]:
+        """`accumulate(z, present)` then `impute(z, present)` with one shared E-step.
+
+        The statistics use the detached posterior; the imputations keep the
+        gradient path through ``z`` (detach ``z`` for none). Same results as
+        the two calls, as the state does not change in between.
+        """
+        present = self._check_present(present)
+        groups = _pattern_groups(present)
+        observed_features = self._observed_features(z, present)
+        result = self._posterior(self._centred_features(observed_features, present), groups)
+        with torch.no_grad():
+            detached = Posterior(mean=result.mean.detach(), pattern_cov=result.pattern_cov,
+                                 pattern_chol=result.pattern_chol, rhs=result.rhs.detach(), groups=groups)
+            self._fold_statistics([f.detach() for f in observed_features], present, detached, None)
+        return self._complete(z, present, result, normalize)
 
     def _batch_statistics(
         self, observed_features: list[Tensor], present: Tensor, result: Posterior

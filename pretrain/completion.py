@@ -71,6 +71,7 @@ class Completion(torch.nn.Module):
             self.calibrator = Calibrator(
                 list(modalities), dim, cfg.latent_dim, decay=cfg.decay, sigma2_floor=cfg.sigma2_floor,
                 normalize_imputed=cfg.normalize_imputed, init_scale=cfg.init_scale, seed=seed,
+                dtype=getattr(torch, cfg.dtype),
             )
         elif cfg.method == "mean_fill":
             self.filler = MeanFiller(len(modalities), dim, cfg.decay)
@@ -99,12 +100,13 @@ class Completion(torch.nn.Module):
         # calmrl: step A, statistics from detached features (every rank, every micro-step)
         assert self.calibrator is not None
         detached = {m: e.detach() for m, e in emb.items()}
-        self.calibrator.accumulate(detached, present)
         if not self.imputing(step):
+            self.calibrator.accumulate(detached, present)
             return Completed(emb, present, present)
-        # step B: impute with the current state
+        # step B: impute with the current state (the M-step runs in end_step, after
+        # the optimizer step, so statistics and imputation share one E-step)
         source = emb if self.cfg.grad_through_imputation else detached
-        imputed = self.calibrator.impute(source, present)
+        imputed = self.calibrator.accumulate_and_impute(source, present)
         completed = {m: torch.where(present[:, i:i + 1], emb[m], imputed[m].to(emb[m].dtype))
                      for i, m in enumerate(self.modalities)}
         return Completed(completed, present, has_any.expand_as(present))

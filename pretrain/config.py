@@ -92,6 +92,7 @@ class CalibrationConfig:
     normalize_imputed: bool = True
     sigma2_floor: float = 1.0e-4
     init_scale: float = 0.1
+    dtype: str = "float32"  # calibrator state and arithmetic: float32 | float64
 
 
 @dataclass
@@ -151,6 +152,7 @@ class Config:
             (self.calibration.latent_dim >= 1, "calibration.latent_dim", "must be >= 1"),
             (0.0 < self.calibration.decay <= 1.0, "calibration.decay", "must lie in (0, 1]"),
             (self.calibration.update_every >= 1, "calibration.update_every", "must be >= 1"),
+            (self.calibration.dtype in ("float32", "float64"), "calibration.dtype", "must be float32 or float64"),
         ]
         for ok, key, why in checks:
             if not ok:
