@@ -166,7 +166,8 @@ def build_synthetic(out_dir: str | Path, spec: SyntheticSpec, progress: bool = T
     bar = tqdm(total=spec.num_samples, desc="synthetic shards", disable=not progress, unit="sample")
     for split, count in zip(SPLITS, counts):
         extra = {"source": "synthetic", "split": split, "tokenizer": "../tokenizer.json",
-                 "num_classes": len(SHAPES) * len(COLOURS), "sample_rate": spec.sample_rate}
+                 "num_classes": len(SHAPES) * len(COLOURS), "sample_rate": spec.sample_rate,
+                 "classes": [f"{c} {s}" for s in SHAPES for c in COLOURS], "prompt_template": "a {}"}
         with ShardSetWriter(out_dir / split, spec.shard_size, extra) as writer:
             for i in range(start, start + count):
                 writer.write(make_sample(i, split, spec, rng))

@@ -1,5 +1,10 @@
-"""`calmrl eval`: retrieval between every ordered pair of modalities on the
-complete instances of a split, written as JSON and a Markdown table."""
+"""`calmrl eval`: on a split's embeddings from a checkpoint,
+- retrieval R@1/5/10 and median rank for every ordered pair of modalities on
+  complete instances;
+- zero-shot classification where the index names classes;
+- anchor shift per missing pattern, without and with the run's calibrator;
+- imputation error of CalMRL against mean-fill and random-fill;
+written as JSON (machines), a Markdown table and a PNG (people)."""
 from __future__ import annotations
 
 import json
@@ -8,8 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from evals.anchor_shift import anchor_shift
+from data_pipeline.reader import open_split
 from evals.embed import embed_split, load_completion, load_run
+from evals.imputation import imputation_error
+from evals.plots import plot_eval
 from evals.retrieval import retrieval_metrics
+from evals.zero_shot import class_embeddings, zero_shot_accuracy
 from pretrain.config import MODALITIES
 
 
@@ -23,10 +32,19 @@ def evaluate_run(run_dir: str | Path, split_dir: str | Path, tag: str = "latest"
     for a, b in permutations(MODALITIES, 2):
         q, k = data["emb"][a][complete], data["emb"][b][complete]
         results["retrieval"][f"{a}->{b}"] = retrieval_metrics(q, k)
-    if int(complete.sum()) > 0:
+    split = open_split(split_dir)
+    classes = split.index.get("classes")
+    if classes:
+        template = split.index.get("prompt_template", "{}")
+        class_emb = class_embeddings(model, cfg, split.tokenizer_json, [template.format(c) for c in classes])
+        results["zero_shot"] = zero_shot_accuracy(data["emb"], data["present"], data["label"], class_emb)
+    if int(complete.sum()) > 1:
         calibrator = load_completion(run_dir, tag).calibrator  # None unless the run used CalMRL
         complete_emb = {m: data["emb"][m][complete] for m in MODALITIES}
         results["anchor_shift"] = anchor_shift(complete_emb, calibrator, MODALITIES)
+        # mean-fill uses each modality's mean over every sample holding it
+        means = {m: data["emb"][m][data["present"][:, j]].mean(0) for j, m in enumerate(MODALITIES)}
+        results["imputation_error"] = imputation_error(complete_emb, calibrator, MODALITIES, means)
     r1 = [v["R@1"] for v in results["retrieval"].values()]
     results["mean_R@1"] = sum(r1) / len(r1) if r1 else float("nan")
     return results
@@ -41,6 +59,18 @@ def markdown_table(results: dict[str, Any]) -> str:
         for pattern, row in results["anchor_shift"].items():
             cal = f"{row['calibrated']:.3f}" if "calibrated" in row else "-"
             lines.append(f"| {pattern} | {row['observed_only']:.3f} | {cal} |")
+    if "imputation_error" in results:
+        methods = list(results["imputation_error"])
+        lines += ["", "| hidden modality | " + " | ".join(f"{m} cos / mse" for m in methods) + " |",
+                  "|---|" + "---|" * len(methods)]
+        for modality in results["imputation_error"][methods[0]]:
+            cells = [f"{results['imputation_error'][m][modality]['cosine']:.3f} / "
+                     f"{results['imputation_error'][m][modality]['mse']:.3f}" for m in methods]
+            lines.append(f"| {modality} | " + " | ".join(cells) + " |")
+    if results.get("zero_shot"):
+        lines += ["", "| zero-shot | top-1 | chance | n |", "|---|---|---|---|"]
+        for modality, row in results["zero_shot"].items():
+            lines.append(f"| {modality} | {row['top1']:.3f} | {row['chance']:.3f} | {row['n']} |")
     return "\n".join(lines)
 
 
@@ -49,4 +79,5 @@ def write_results(results: dict[str, Any], out_dir: str | Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "eval.json").write_text(json.dumps(results, indent=2))
     (out_dir / "eval.md").write_text(markdown_table(results) + "\n")
+    plot_eval(results, out_dir / "eval.png")
     return out_dir / "eval.json"

@@ -48,11 +48,14 @@ def test_build_train_eval(tmp_path):
     assert "mean R@1" in evaluated.stdout
     shift = results["anchor_shift"]  # the run used CalMRL: both anchors are reported
     assert len(shift) == 6 and all("calibrated" in row for row in shift.values())
+    assert set(results["imputation_error"]) == {"calmrl", "mean_fill", "random_fill"}
+    assert set(results["zero_shot"]) == {"image", "audio"}
+    assert (runs / "eval" / "eval.png").stat().st_size > 10_000 and (runs / "eval" / "eval.md").exists()
 
 
 def test_typo_in_config_fails_at_start(tmp_path):
     bad = tmp_path / "typo.yaml"
-    bad.write_text((REPO / "configs/tiny_cpu.yaml").read_text().replace("warmup_steps", "warmup_stpes"))
+    bad.write_text((REPO / "configs/tiny_cpu.yaml").read_text().replace("  lr:", "  lrr:"))
     result = run("train", str(bad), "--nproc", "2", timeout=60)
     assert result.returncode == 2
-    assert "train.warmup_stpes" in result.stderr and str(bad) in result.stderr
+    assert "train.lrr" in result.stderr and str(bad) in result.stderr
