@@ -95,8 +95,11 @@ class SplitInfo:
         return dict(zip(self.shards, self.counts))
 
 
-def open_split(split_dir: str | Path) -> SplitInfo:
-    """Read a split's index, check that every shard it lists exists, load its tokenizer."""
+def open_split(split_dir: str | Path, tokenizer: str = "") -> SplitInfo:
+    """Read a split's index, check that every shard it lists exists, load its tokenizer.
+
+    `tokenizer` (data.tokenizer) replaces the split's own: "minilm" for the
+    pretrained MiniLM text tower, or the path of a tokenizer.json."""
     root = str(split_dir)
     index = read_index(root)
     names = [s["name"] for s in index["shards"]]
@@ -111,7 +114,12 @@ def open_split(split_dir: str | Path) -> SplitInfo:
             else join(root, tokenizer_rel)
     else:
         tokenizer_url = str((Path(root) / tokenizer_rel).resolve())
-    tokenizer_json = read_bytes(tokenizer_url).decode()
+    if tokenizer == "minilm":
+        from pretrain.pretrained import minilm_tokenizer_json
+
+        tokenizer_json = minilm_tokenizer_json()
+    else:
+        tokenizer_json = read_bytes(tokenizer or tokenizer_url).decode()
     return SplitInfo(root, [join(root, n) for n in names], [int(s["count"]) for s in index["shards"]],
                      int(index["num_samples"]), tokenizer_json, index)
 
@@ -242,7 +250,7 @@ class ShardStream(IterableDataset):
     def __init__(self, cfg: DataConfig, rank: int, world_size: int, state: LoaderState | None = None):
         super().__init__()
         self.cfg = cfg
-        self.split = open_split(cfg.shards)
+        self.split = open_split(cfg.shards, cfg.tokenizer)
         self.rank, self.world_size = rank, world_size
         self.num_roles = max(cfg.num_workers, 1)
         self.num_readers = world_size * self.num_roles
@@ -345,7 +353,7 @@ def iterate_split(cfg: DataConfig, split_dir: str | Path, batch_size: int,
 
     Bad samples are counted in `bad` and skipped. The last batch is padded
     with absent rows (their `key` is "")."""
-    split = open_split(split_dir)
+    split = open_split(split_dir, cfg.tokenizer)
     decoder = SampleDecoder(cfg, split.tokenizer_json)
     audio = AudioFormat(cfg.sample_rate, cfg.audio_seconds, cfg.n_mels, cfg.n_fft, cfg.hop_length)
     bad = bad if bad is not None else BadInputLog()

@@ -32,7 +32,7 @@ def evaluate_run(run_dir: str | Path, split_dir: str | Path, tag: str = "latest"
     for a, b in permutations(MODALITIES, 2):
         q, k = data["emb"][a][complete], data["emb"][b][complete]
         results["retrieval"][f"{a}->{b}"] = retrieval_metrics(q, k)
-    split = open_split(split_dir)
+    split = open_split(split_dir, cfg.data.tokenizer)
     classes = split.index.get("classes")
     if classes:
         template = split.index.get("prompt_template", "{}")

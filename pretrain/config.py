@@ -39,6 +39,7 @@ class DataConfig:
     # Which of a sample's audio tracks to use: "random" (a new draw per epoch),
     # "first", or "KIND" / "KIND:LANG" (e.g. "description:en"), falling back to random.
     audio_policy: str = "random"
+    tokenizer: str = ""  # "" = the split's tokenizer.json; "minilm" or a tokenizer.json path for pretrained text towers
     resampled: bool = False  # draw shards with replacement; epochs become virtual
     epoch_samples: int = 0  # resampled mode: samples per reader per virtual epoch (0: its shards' count)
 
@@ -50,6 +51,8 @@ class TowerConfig:
     depth: int = 2
     heads: int = 4  # attention heads, for transformer towers
     options: dict[str, Any] = field(default_factory=dict)  # extra kwargs for plug-in towers
+    freeze: bool = False  # keep the tower's weights fixed (its projection head still trains)
+    lr_mult: float = 1.0  # the tower's learning rate = train.lr * lr_mult
 
 
 @dataclass

@@ -87,14 +87,27 @@ def deepspeed_config(cfg: Config, world: int) -> dict[str, Any]:
     }
 
 
-def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on biases, norms, embeddings' positions and the logit scale."""
-    decay, no_decay = [], []
+def build_optimizer(model: MultiModalModel, cfg: Config) -> torch.optim.Optimizer:
+    """AdamW with one group per (tower or rest) x (decay or not).
+
+    No weight decay on biases, norms, position tables and the logit scale; a
+    tower's `lr_mult` scales its groups' learning rate (the schedule scales
+    every group alike); a frozen tower's weights are left out entirely."""
+    groups: dict[tuple[float, bool], list[torch.nn.Parameter]] = {}
     for name, p in model.named_parameters():
-        (decay if p.ndim >= 2 and "position" not in name else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.train.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=tuple(cfg.train.betas))
+        mult = 1.0
+        if name.startswith("towers."):
+            tower = getattr(cfg.model, name.split(".")[1])
+            if tower.freeze:
+                p.requires_grad_(False)
+                continue
+            mult = tower.lr_mult
+        decay = p.ndim >= 2 and "position" not in name
+        groups.setdefault((mult, decay), []).append(p)
+    param_groups = [{"params": params, "lr": cfg.train.lr * mult,
+                     "weight_decay": cfg.train.weight_decay if decay else 0.0}
+                    for (mult, decay), params in groups.items()]
+    return torch.optim.AdamW(param_groups, lr=cfg.train.lr, betas=tuple(cfg.train.betas))
 
 
 def objective_options(cfg: Config) -> dict[str, Any]:
@@ -128,7 +141,7 @@ def seed_everything(seed: int) -> None:
 
 
 def vocab_size_of(cfg: Config) -> int:
-    split = open_split(cfg.data.shards)
+    split = open_split(cfg.data.shards, cfg.data.tokenizer)
     return load_tokenizer(split.tokenizer_json, cfg.data.max_text_len).get_vocab_size()
 
 

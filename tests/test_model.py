@@ -78,3 +78,22 @@ def test_registry_plugs_in_a_tower_by_name():
 def test_unknown_tower_lists_the_registered_ones():
     with pytest.raises(KeyError, match="registered: cnn"):
         build_tower("image", TowerConfig(name="nope"), DataConfig(), 50)
+
+
+def test_optimizer_freezes_towers_and_scales_their_learning_rate():
+    from pretrain.config import Config
+    from pretrain.trainer import build_optimizer
+
+    cfg = Config()
+    cfg.model.image.freeze = True
+    cfg.model.text.lr_mult = 0.1
+    model = MultiModalModel(cfg.model, cfg.data, vocab_size=50)
+    opt = build_optimizer(model, cfg)
+    in_opt = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    for name, p in model.named_parameters():
+        if name.startswith("towers.image."):
+            assert id(p) not in in_opt and not p.requires_grad, name
+        elif name.startswith("towers.text."):
+            assert in_opt[id(p)] == pytest.approx(0.1 * cfg.train.lr), name
+        else:
+            assert in_opt[id(p)] == pytest.approx(cfg.train.lr), name  # heads, other towers, logit scale
