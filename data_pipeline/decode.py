@@ -55,6 +55,12 @@ def decode_image(data: bytes, size: int) -> torch.Tensor:
                 img.paste(rgba, mask=rgba.getchannel("A"))
             else:
                 img = img.convert("RGB")
+            if img.width != img.height:
+                # Letterbox on white: a square resize would distort the picture.
+                side = max(img.size)
+                canvas = Image.new("RGB", (side, side), (255, 255, 255))
+                canvas.paste(img, ((side - img.width) // 2, (side - img.height) // 2))
+                img = canvas
             if img.size != (size, size):
                 img = img.resize((size, size), Image.Resampling.BICUBIC)
             array = np.asarray(img, dtype=np.float32)
@@ -64,10 +70,14 @@ def decode_image(data: bytes, size: int) -> torch.Tensor:
     return tensor / 127.5 - 1.0
 
 
-def load_waveform(data: bytes, sample_rate: int) -> np.ndarray:
-    """Audio file bytes -> mono float32 waveform at `sample_rate`."""
+def load_waveform(data: bytes, sample_rate: int, max_seconds: float | None = None) -> np.ndarray:
+    """Audio file bytes -> mono float32 waveform at `sample_rate`, at most
+    `max_seconds` long (only that much is decoded and resampled)."""
     try:
-        wave, rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
+        with soundfile.SoundFile(io.BytesIO(data)) as f:
+            rate = f.samplerate
+            frames = -1 if max_seconds is None else int(np.ceil(max_seconds * rate)) + 1
+            wave = f.read(frames=frames, dtype="float32", always_2d=True)
     except Exception as exc:
         raise DecodeError(f"audio does not decode ({type(exc).__name__}: {exc})") from exc
     if wave.shape[0] == 0:
@@ -92,7 +102,7 @@ def log_mel(wave: np.ndarray, fmt: AudioFormat) -> torch.Tensor:
 
 
 def decode_audio(data: bytes, fmt: AudioFormat) -> torch.Tensor:
-    return log_mel(load_waveform(data, fmt.sample_rate), fmt)
+    return log_mel(load_waveform(data, fmt.sample_rate, fmt.seconds), fmt)
 
 
 def decode_text(data: bytes) -> str:

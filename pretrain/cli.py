@@ -1,8 +1,9 @@
 """The `calmrl` command line.
 
-    calmrl data build --source synthetic --out DIR [--num-samples N] [--shard-size N]
+    calmrl data build --source synthetic|tuxpaint|folder|jsonl --out DIR [--input PATH] [--shard-size N]
     calmrl train CONFIG [--nproc N] [--resume latest|TAG] [--section.key=value ...]
     calmrl eval RUN_DIR --data SPLIT_DIR [--checkpoint TAG] [--out DIR]
+    calmrl launch slurm CONFIG --nodes N --gpus-per-node G [--partition P] [--time T] [--dry-run]
 """
 from __future__ import annotations
 
@@ -20,16 +21,22 @@ def _cpu_defaults() -> None:
 
 
 def cmd_data_build(args: argparse.Namespace) -> int:
-    from data_pipeline.synthetic import SyntheticSpec, build_synthetic
+    from pathlib import Path
 
-    if args.source != "synthetic":
-        raise SystemExit(f"unknown --source '{args.source}'; available: synthetic")
-    spec = SyntheticSpec(num_samples=args.num_samples, shard_size=args.shard_size, seed=args.seed,
-                         image_size=args.image_size)
-    indexes = build_synthetic(args.out, spec)
-    summary = ", ".join(f"{split} {idx['num_samples']} samples in {len(idx['shards'])} shards"
-                        for split, idx in indexes.items())
-    print(f"wrote {args.out}: {summary}")
+    from data_pipeline.sources import SOURCES, BuildOptions, SourceError, parse_split_fractions
+
+    try:
+        opts = BuildOptions(
+            out=Path(args.out), shard_size=args.shard_size, seed=args.seed,
+            input=Path(args.input) if args.input else None, cache=Path(args.cache) if args.cache else None,
+            split_fractions=parse_split_fractions(args.split_fractions) if args.split_fractions else None,
+            skip_bad=args.skip_bad, num_samples=args.num_samples, image_size=args.image_size,
+        )
+        report = SOURCES[args.source](opts)
+    except SourceError as exc:
+        print(f"calmrl: data error: {exc}", file=sys.stderr)
+        return 2
+    print(report.summary)
     return 0
 
 
@@ -74,12 +81,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = sub.add_parser("data", help="build shard sets").add_subparsers(dest="data_command", required=True)
     build = data.add_parser("build", help="write WebDataset shards (train/val/test) and an index")
-    build.add_argument("--source", required=True, help="synthetic")
-    build.add_argument("--out", required=True, help="output folder")
-    build.add_argument("--num-samples", type=int, default=2000)
-    build.add_argument("--shard-size", type=int, default=250)
-    build.add_argument("--image-size", type=int, default=32)
-    build.add_argument("--seed", type=int, default=0)
+    from data_pipeline.sources import SOURCES  # the registry only: builders load on use
+
+    build.add_argument("--source", required=True, choices=sorted(SOURCES),
+                       help="synthetic (generated), tuxpaint (the built-in real data set, a Debian package), "
+                            "folder (NAME.png/.txt/.wav files), jsonl (a manifest)")
+    build.add_argument("--out", required=True, help="output folder (train/, val/, test/, tokenizer.json)")
+    build.add_argument("--shard-size", type=int, default=250, help="samples per shard")
+    build.add_argument("--input", default=None, help="folder (--source folder) or manifest (--source jsonl)")
+    build.add_argument("--cache", default=None,
+                       help="download cache for tuxpaint (default $CALMRL_CACHE or ~/.cache/calmrl)")
+    build.add_argument("--seed", type=int, default=0,
+                       help="synthetic: generator seed; other sources: salt of the split hash (0: none)")
+    build.add_argument("--split-fractions", default=None,
+                       help="train,val,test fractions, by hash of each record's key (default 0.8,0.1,0.1)")
+    build.add_argument("--skip-bad", action="store_true",
+                       help="count and skip records whose files do not decode, instead of stopping")
+    build.add_argument("--num-samples", type=int, default=None, help="synthetic only (default 2000)")
+    build.add_argument("--image-size", type=int, default=None, help="synthetic only (default 32)")
 
     train = sub.add_parser("train", help="train (under torchrun, or spawn it with --nproc)",
                            description="Extra --section.key=value arguments override the config.")
@@ -92,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data", required=True, help="split folder (holding index.json)")
     ev.add_argument("--checkpoint", default="latest")
     ev.add_argument("--out", default=None)
+    from cluster.slurm import add_launch_parser
+
+    add_launch_parser(sub)
     return parser
 
 
@@ -102,6 +124,10 @@ def main(argv: list[str] | None = None) -> int:
     from pretrain.config import ConfigError
 
     try:
+        if args.command == "launch" and args.launch_command == "slurm":
+            from cluster.slurm import cmd_launch_slurm
+
+            return cmd_launch_slurm(args, extra)
         if args.command == "train":
             unknown = [a for a in extra if not (a.startswith("--") and "=" in a)]
             if unknown:

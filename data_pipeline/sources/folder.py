@@ -1,0 +1,126 @@
+"""A user's own data as a folder: files sharing a stem form one record.
+
+    DIR/dogs/dog1.png   DIR/dogs/dog1.txt   DIR/dogs/dog1.wav   -> record "dogs/dog1", label "dogs"
+    DIR/cats/cat7.jpg                                           -> record "cats/cat7", image only
+    DIR/misc.txt                                                -> record "misc", no label (-1)
+
+- image: .png .jpg .jpeg .webp (stored as they are) or .bmp .gif .tif .tiff
+  (re-encoded to PNG); two images with one stem are an error (which one?).
+- text: .txt, UTF-8, the whole file stripped. An empty or blank caption file
+  means the text is absent (counted in `build.empty_captions`), not an error.
+- audio: .ogg .flac .wav; several files with one stem (dog1.ogg, dog1.wav)
+  are several tracks of the record (kind and lang unknown: null).
+- label: the first-level subfolder; records directly in DIR have label -1.
+  `classes` in the index lists the subfolder names, sorted.
+Other files (and hidden ones) are ignored and counted. A file that cannot be
+decoded stops the build with its path and the fix, or, with --skip-bad, its
+record is skipped and counted; a record left with no modality is skipped and
+counted. The split is by the hash of the record's path (--split-fractions).
+"""
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from data_pipeline.sources import BuildOptions, BuildReport, SourceError
+from data_pipeline.sources.common import (
+    AUDIO_SUFFIXES,
+    IMAGE_SUFFIXES,
+    SKIP_BAD_HINT,
+    TEXT_SUFFIXES,
+    BadRecord,
+    KeyMaker,
+    Record,
+    Track,
+    assemble,
+    check_audio,
+    check_caption,
+    check_image,
+    format_counts,
+    label_classes,
+    read_file,
+    split_summary,
+    write_records,
+)
+
+
+def reject_synthetic_flags(opts: BuildOptions, source: str) -> None:
+    if opts.num_samples is not None or opts.image_size is not None or opts.cache is not None:
+        raise SourceError(f"--source {source} takes no --num-samples, --image-size or --cache")
+
+
+def _load(files: list[Path], root: Path, key: str, stem: str, label: int, label_name: str | None,
+          counters: Counter[str]) -> dict[str, Any]:
+    images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+    texts = [p for p in files if p.suffix.lower() in TEXT_SUFFIXES]
+    audios = [p for p in files if p.suffix.lower() in AUDIO_SUFFIXES]
+    rel = lambda p: str(p.relative_to(root))  # noqa: E731
+    if len(images) > 1:
+        raise BadRecord("ambiguous_image", f"{root}: record '{stem}' has {len(images)} images "
+                        f"({', '.join(rel(p) for p in images)}); keep one per stem, {SKIP_BAD_HINT}")
+    meta: dict[str, Any] = {"source": "folder", "label": label, "class": label_name, "record": stem,
+                            "files": [rel(p) for p in files]}
+    image = None
+    if images:
+        ext, data, info = check_image(read_file(images[0], rel(images[0])), str(images[0]))
+        image = (ext, data)
+        meta["image"] = {"file": rel(images[0]), **info}
+    caption = None
+    if texts:
+        caption = check_caption(read_file(texts[0], rel(texts[0])), str(texts[0]))
+        if caption is None:
+            counters["empty_captions"] += 1
+            meta["text_absent"] = "empty_caption"
+    tracks = []
+    for path in audios:
+        data = read_file(path, rel(path))
+        info = check_audio(data, str(path))
+        tracks.append(Track(data, path.suffix.lower().lstrip("."), None, None, {"file": rel(path), **info}))
+    return assemble(key, meta, image, caption, tracks)
+
+
+def build_folder(opts: BuildOptions) -> BuildReport:
+    reject_synthetic_flags(opts, "folder")
+    if opts.input is None:
+        raise SourceError("--source folder needs --input DIR "
+                          "(a folder of NAME.png/.jpg, NAME.txt, NAME.wav/.ogg/.flac)")
+    root = Path(opts.input)
+    if not root.is_dir():
+        raise SourceError(f"--input {root}: not a folder")
+    known = IMAGE_SUFFIXES + TEXT_SUFFIXES + AUDIO_SUFFIXES
+    groups: dict[str, list[Path]] = {}
+    ignored = 0
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root)
+        if any(part.startswith(".") for part in rel.parts):
+            ignored += path.is_file()
+            continue
+        if not path.is_file():
+            continue
+        if path.suffix.lower() not in known:
+            ignored += 1
+            continue
+        groups.setdefault(str(rel.with_suffix("")), []).append(path)
+    if not groups:
+        raise SourceError(f"--input {root}: no image ({', '.join(IMAGE_SUFFIXES)}), caption (.txt) or audio "
+                          f"({', '.join(AUDIO_SUFFIXES)}) file found")
+    labelled = {stem.split("/", 1)[0] for stem in groups if "/" in stem}
+    classes, class_id = label_classes(labelled)
+    counters: Counter[str] = Counter()
+    build: dict[str, Any] = {"input": str(root), "ignored_files": ignored, "counters": counters}
+    make_key = KeyMaker()
+    records = []
+    for stem, files in groups.items():
+        name = stem.split("/", 1)[0] if "/" in stem else None
+        label = class_id[name] if name is not None else -1
+        key = make_key(stem)
+        records.append(Record(key, stem, lambda f=files, k=key, s=stem, lab=label, n=name:
+                              _load(f, root, k, s, lab, n, counters)))
+    extra = {"num_classes": len(classes), "classes": classes, "input": str(root)}
+    result = write_records(opts, "folder", records, extra, build)
+    summary = (f"wrote {opts.out} from folder {root}: {len(records)} records ({split_summary(result.indexes)}); "
+               f"patterns: {format_counts(dict(result.totals))}; {len(classes)} classes; "
+               f"empty captions {counters['empty_captions']}, skipped {format_counts(dict(result.skipped))}, "
+               f"ignored files {ignored}")
+    return BuildReport(result.indexes, summary, {"build": build})

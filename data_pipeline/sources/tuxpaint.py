@@ -1,0 +1,470 @@
+"""The built-in real data set: Tux Paint's stamps (Debian `tuxpaint-stamps-default`).
+
+A stamp is a file stem in a folder under `stamps/<category>/...` with a picture
+(`NAME.png` and/or `NAME.svg`) or a caption file (`NAME.txt`). Its parts:
+- image: the PNG bytes as shipped (real sizes, mostly RGBA/LA with a
+  transparent background). SVG is not rasterised (that would need a system
+  library): a stamp with only `NAME.svg` has its image absent, recorded as
+  `image_absent: "svg_only"`; one with neither has `"no_image_file"`.
+  `NAME_mirror.png` / `NAME_flip.png` are Tux Paint's alternate pictures of the
+  same stamp, not stamps: they are counted and listed in `alternate_images`.
+- text: the first line of `NAME.txt` (English); the following `LANG.utf8=...`
+  lines are kept as `caption_translations` in the metadata.
+- audio, every track kept, ordered effect first, then descriptions:
+  `NAME.ogg` (kind "effect", lang null), `NAME_LANG.ogg` (a localized effect,
+  e.g. a spoken digit), `NAME_desc.ogg` ("description", "en") and
+  `NAME_desc_LANG.ogg|wav` ("description", LANG). An audio file naming no
+  stamp of its folder exactly (Tux Paint matches exact names too) is an orphan:
+  counted and listed in the index, not written.
+- label: the category (top-level folder), `classes` in the index.
+The split is by stamp: the hash of its path (e.g. `animals/birds/blackbird`).
+
+The package is fetched without root: `apt-get download` into the cache, its
+SHA-256 checked against `apt-cache show`, then `dpkg-deb -x`. A marker written
+after a verified extraction lets later builds reuse it (the .deb is re-hashed
+every time).
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from data_pipeline.shards import atomic_write_json
+from data_pipeline.sources import BuildOptions, BuildReport, SourceError
+from data_pipeline.sources.common import (
+    BadRecord,
+    KeyMaker,
+    Record,
+    Track,
+    assemble,
+    check_audio,
+    check_image,
+    format_counts,
+    label_classes,
+    read_file,
+    split_summary,
+    write_records,
+)
+
+PACKAGE = "tuxpaint-stamps-default"
+STAMPS_SUBDIR = Path("usr/share/tuxpaint/stamps")
+APT_LISTS = Path("/var/lib/apt/lists")
+MARKER = "extracted.json"
+ALTERNATE_SUFFIXES = ("_mirror_flip", "_mirror", "_flip")
+TRANSLATION_LINE = re.compile(r"^([A-Za-z]{2,3}(?:_[A-Za-z]{2,3})?(?:@[A-Za-z]+)?)\.utf8=(.*)$")
+# Reader policies over the audio tracks whose missing patterns the index reports.
+AUDIO_POLICIES = {
+    "all_tracks": lambda t: True,
+    "effect": lambda t: t["kind"] == "effect",
+    "english": lambda t: t["lang"] is None or t["lang"] == "en" or t["lang"].startswith("en_"),
+    "description_en": lambda t: t["kind"] == "description" and t["lang"] == "en",
+}
+
+
+# ---------------------------------------------------------------- getting the package
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("CALMRL_CACHE") or Path.home() / ".cache" / "calmrl")
+
+
+@dataclass(frozen=True)
+class PackageInfo:
+    name: str
+    version: str
+    sha256: str
+    filename: str  # pool path, e.g. pool/main/t/tuxpaint-stamps/..._all.deb
+    size: int
+
+
+@dataclass(frozen=True)
+class PreparedPackage:
+    info: PackageInfo
+    deb: Path
+    stamps_dir: Path
+    reused: bool  # an earlier verified extraction was used
+
+
+def _apt_lists_empty() -> bool:
+    return not any(APT_LISTS.glob("*Packages*"))
+
+
+def _apt_failure(what: str, output: str) -> SourceError:
+    said = " ".join(output.split())[-400:] or "nothing"
+    if _apt_lists_empty():
+        return SourceError(
+            f"{what} failed: the APT package lists in {APT_LISTS} are empty (a fresh Debian image ships "
+            f"none), so APT does not know {PACKAGE}. Run `apt-get update` as root once, then rerun. "
+            f"(apt said: {said})")
+    return SourceError(
+        f"{what} failed (apt said: {said}). {PACKAGE} is in Debian 'main' (bookworm and later): check "
+        "your APT sources and refresh them with `apt-get update` as root, then rerun.")
+
+
+def _run(cmd: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True,
+                              env={**os.environ, "LC_ALL": "C"})
+    except FileNotFoundError:
+        raise SourceError(f"`{cmd[0]}` not found: the tuxpaint source downloads a Debian package and "
+                          "needs a Debian or Ubuntu system with APT and dpkg") from None
+
+
+def apt_package_info(package: str = PACKAGE) -> PackageInfo:
+    """Version and SHA-256 of the candidate version, from `apt-cache show`."""
+    cmd = ["apt-cache", "show", "--no-all-versions", package]
+    proc = _run(cmd)
+    fields: dict[str, str] = {}
+    for line in proc.stdout.splitlines():
+        if line and not line[0].isspace() and ":" in line:
+            name, value = line.split(":", 1)
+            fields.setdefault(name.strip(), value.strip())
+    if proc.returncode != 0 or not {"Version", "SHA256", "Filename"} <= fields.keys():
+        raise _apt_failure(f"`{' '.join(cmd)}`", proc.stderr + proc.stdout)
+    return PackageInfo(package, fields["Version"], fields["SHA256"].lower(), fields["Filename"],
+                       int(fields.get("Size", 0)))
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _verify(deb: Path, info: PackageInfo, downloaded: bool) -> None:
+    actual = sha256_file(deb)
+    if actual == info.sha256:
+        return
+    origin = "downloaded" if downloaded else "cached"
+    if downloaded:
+        deb.unlink()
+    raise SourceError(
+        f"{origin} {deb}: SHA256 mismatch: the file has {actual} but `apt-cache show --no-all-versions "
+        f"{info.name}` gives {info.sha256} for version {info.version}. The file is corrupt or was replaced: "
+        + ("it was deleted; rerun to download it again." if downloaded
+           else f"delete {deb} and rerun to download it again."))
+
+
+def _download(info: PackageInfo, cache: Path) -> Path:
+    tmp = cache / f".download-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        cmd = ["apt-get", "download", f"{info.name}={info.version}"]
+        proc = _run(cmd, cwd=tmp)
+        debs = list(tmp.glob("*.deb"))
+        if proc.returncode != 0 or len(debs) != 1:
+            raise _apt_failure(f"`{' '.join(cmd)}`", proc.stderr + proc.stdout)
+        deb = cache / Path(info.filename).name
+        os.replace(debs[0], deb)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return deb
+
+
+def _extract(deb: Path, info: PackageInfo, target: Path) -> None:
+    shutil.rmtree(target, ignore_errors=True)  # a partial extraction (no marker) from a crash
+    target.mkdir(parents=True)
+    tmp_root = target / "root.tmp"
+    proc = _run(["dpkg-deb", "-x", str(deb), str(tmp_root)])
+    if proc.returncode != 0:
+        raise SourceError(f"`dpkg-deb -x {deb}` failed: {proc.stderr.strip()[-400:]}")
+    os.replace(tmp_root, target / "root")
+    if not (target / "root" / STAMPS_SUBDIR).is_dir():
+        raise SourceError(f"{deb} holds no {STAMPS_SUBDIR}: not the expected {info.name} package")
+    atomic_write_json(target / MARKER, {"package": asdict(info), "deb": deb.name})
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    with open(path, "a") as f:  # concurrent builds share one download and extraction
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _recorded_extractions(cache: Path) -> list[PackageInfo]:
+    found = []
+    for marker in sorted(cache.glob(f"*/{MARKER}")):
+        try:
+            found.append(PackageInfo(**json.loads(marker.read_text())["package"]))
+        except (ValueError, KeyError, TypeError):
+            continue
+    return found
+
+
+def prepare_package(cache: Path | None = None, package: str = PACKAGE) -> PreparedPackage:
+    """Download (if needed), verify and extract the package under `cache/tuxpaint/`."""
+    root = Path(cache or default_cache_dir()) / "tuxpaint"
+    root.mkdir(parents=True, exist_ok=True)
+    with _locked(root / ".lock"):
+        try:
+            info = apt_package_info(package)
+        except SourceError:
+            recorded = [i for i in _recorded_extractions(root) if i.name == package]
+            if len(recorded) != 1 or not (root / Path(recorded[0].filename).name).is_file():
+                raise
+            info = recorded[0]  # no APT here, but a verified extraction is: check the .deb against it
+            print(f"calmrl: apt-cache cannot tell {package}'s checksum; using the cached {info.version} "
+                  "verified when it was extracted", file=sys.stderr)
+        deb = root / Path(info.filename).name
+        downloaded = not deb.is_file()
+        if downloaded:
+            deb = _download(info, root)
+        _verify(deb, info, downloaded)
+        target = root / deb.name.removesuffix(".deb")
+        marker = target / MARKER
+        reused = False
+        if marker.is_file() and (target / "root" / STAMPS_SUBDIR).is_dir():
+            try:
+                reused = json.loads(marker.read_text())["package"]["sha256"] == info.sha256
+            except (ValueError, KeyError, TypeError):
+                reused = False
+        if not reused:
+            _extract(deb, info, target)
+    return PreparedPackage(info, deb, target / "root" / STAMPS_SUBDIR, reused)
+
+
+# ---------------------------------------------------------------- reading the stamps
+
+
+def _split_group(stamp: "Stamp") -> str:
+    """What decides a stamp's split: its lower-cased English caption when it has
+    one, so variants that share a caption ("The letter J.", chess pieces) stay
+    in one split and retrieval cannot match a test caption seen in training;
+    else its path."""
+    if stamp.txt is not None:
+        try:
+            caption, _, _ = parse_caption_file(stamp.txt.read_bytes())
+        except (OSError, UnicodeDecodeError):
+            caption = None
+        if caption:
+            return "caption:" + " ".join(caption.lower().split())
+    return "path:" + stamp.rel
+
+
+@dataclass
+class Stamp:
+    rel: str  # path of the stem under stamps/, e.g. "animals/birds/blackbird"
+    category: str
+    png: Path | None
+    svg: Path | None
+    txt: Path | None
+    dat: Path | None
+    tracks: list[tuple[Path, str, str | None]]  # (file, kind, lang), in entry order
+    alternates: list[Path]
+
+
+def parse_caption_file(data: bytes) -> tuple[str | None, dict[str, str], int]:
+    """(English caption or None, {lang: translation}, unparsed lines)."""
+    text = data.decode("utf-8-sig")
+    lines = text.splitlines()
+    english = None
+    translations: dict[str, str] = {}
+    unparsed = 0
+    for i, line in enumerate(lines):
+        match = TRANSLATION_LINE.match(line.strip())
+        if match:
+            translations.setdefault(match.group(1), match.group(2).strip())
+        elif i == 0:
+            english = line.strip() or None
+        elif line.strip():
+            unparsed += 1
+    return english, translations, unparsed
+
+
+def _known_languages(stamps_dir: Path) -> dict[str, str]:
+    """lower-case code -> code as the caption files spell it (zh_tw -> zh_TW)."""
+    langs = {"en": "en"}
+    for txt in stamps_dir.rglob("*.txt"):
+        for line in txt.read_bytes().decode("utf-8", "replace").splitlines()[1:]:
+            match = TRANSLATION_LINE.match(line.strip())
+            if match:
+                langs.setdefault(match.group(1).lower(), match.group(1))
+    return langs
+
+
+def _match_audio(stem: str, stamps: set[str], langs: dict[str, str]) -> tuple[str, str, str | None] | None:
+    """(stamp stem, kind, lang) that the audio file `stem` belongs to, the longest stamp name first."""
+    if stem in stamps:
+        return stem, "effect", None
+    if stem.endswith("_desc") and stem[: -len("_desc")] in stamps:
+        return stem[: -len("_desc")], "description", "en"
+    for name in sorted((s for s in stamps if stem.startswith(s + "_")), key=len, reverse=True):
+        rest = stem[len(name) + 1:]
+        if rest.startswith("desc_") and rest[5:].lower() in langs:
+            return name, "description", langs[rest[5:].lower()]
+        if rest.lower() in langs:
+            return name, "effect", langs[rest.lower()]
+    return None
+
+
+def _track_order(track: tuple[Path, str, str | None]) -> tuple:
+    _, kind, lang = track
+    return (kind != "effect", lang is not None, lang != "en", lang or "")
+
+
+def scan_stamps(stamps_dir: Path) -> tuple[list[Stamp], list[str]]:
+    """Every stamp under `stamps_dir` and the orphan audio files (relative paths)."""
+    langs = _known_languages(stamps_dir)
+    stamps: list[Stamp] = []
+    orphans: list[str] = []
+    for folder in sorted([stamps_dir, *(p for p in stamps_dir.rglob("*") if p.is_dir())]):
+        files = sorted(p for p in folder.iterdir() if p.is_file())
+        by_suffix: dict[str, dict[str, Path]] = {}
+        for p in files:
+            by_suffix.setdefault(p.suffix.lower(), {})[p.stem] = p
+        images = set(by_suffix.get(".png", {})) | set(by_suffix.get(".svg", {}))
+        captions = set(by_suffix.get(".txt", {}))
+        alternates: dict[str, list[Path]] = {}
+        for stem in sorted(images):
+            for suffix in ALTERNATE_SUFFIXES:
+                base = stem[: -len(suffix)]
+                if stem.endswith(suffix) and base in (images | captions) - {stem}:
+                    alternates.setdefault(base, []).extend(
+                        by_suffix[ext][stem] for ext in (".png", ".svg") if stem in by_suffix.get(ext, {}))
+                    break
+        alternate_stems = {p.stem for ps in alternates.values() for p in ps}
+        names = (images - alternate_stems) | captions
+        tracks: dict[str, list[tuple[Path, str, str | None]]] = {n: [] for n in names}
+        for ext in (".ogg", ".wav", ".flac"):
+            for stem, path in by_suffix.get(ext, {}).items():
+                match = _match_audio(stem, names, langs)
+                if match is None:
+                    orphans.append(str(path.relative_to(stamps_dir)))
+                else:
+                    tracks[match[0]].append((path, match[1], match[2]))
+        for name in sorted(names):
+            rel = str((folder / name).relative_to(stamps_dir))
+            if "/" not in rel:
+                raise SourceError(f"{folder / name}: a stamp outside a category folder; is {stamps_dir} "
+                                  f"the stamps folder of {PACKAGE}?")
+            stamps.append(Stamp(
+                rel=rel, category=rel.split("/", 1)[0],
+                png=by_suffix.get(".png", {}).get(name), svg=by_suffix.get(".svg", {}).get(name),
+                txt=by_suffix.get(".txt", {}).get(name), dat=by_suffix.get(".dat", {}).get(name),
+                tracks=sorted(tracks[name], key=_track_order), alternates=alternates.get(name, [])))
+    return stamps, sorted(orphans)
+
+
+# ---------------------------------------------------------------- building
+
+
+def _load_stamp(stamp: Stamp, key: str, label: int, stamps_dir: Path, build: dict[str, Any]) -> dict[str, Any]:
+    def rel(p: Path) -> str:
+        return str(p.relative_to(stamps_dir))
+
+    meta: dict[str, Any] = {"source": "tuxpaint", "label": label, "class": stamp.category, "stamp": stamp.rel,
+                            "image_absent": None, "text_absent": None}
+    image = None
+    if stamp.png is not None:
+        ext, data, info = check_image(read_file(stamp.png, rel(stamp.png)), rel(stamp.png))
+        image = (ext, data)
+        meta["image"] = {"file": rel(stamp.png), **info}
+        build["image_modes"][info["mode"]] += 1
+        build["image_with_alpha"] += int(info["has_alpha"])
+        sizes = build["image_size_range"]
+        sizes["min"] = [min(a, b) for a, b in zip(sizes["min"], (info["width"], info["height"]))]
+        sizes["max"] = [max(a, b) for a, b in zip(sizes["max"], (info["width"], info["height"]))]
+    else:
+        meta["image_absent"] = "svg_only" if stamp.svg is not None else "no_image_file"
+    if stamp.svg is not None:
+        meta["svg_file"] = rel(stamp.svg)
+    meta["alternate_images"] = [rel(p) for p in stamp.alternates]
+    caption = None
+    meta["caption_translations"] = {}
+    if stamp.txt is not None:
+        try:
+            caption, translations, unparsed = parse_caption_file(read_file(stamp.txt, rel(stamp.txt)))
+        except UnicodeDecodeError as exc:
+            raise BadRecord("bad_caption", f"{rel(stamp.txt)}: caption file is not UTF-8 ({exc})") from exc
+        meta["caption_translations"] = translations
+        build["caption_lines_unparsed"] += unparsed
+        if caption is None:
+            meta["text_absent"] = "no_english_caption"
+    else:
+        meta["text_absent"] = "no_caption_file"
+    if stamp.dat is not None:
+        meta["stamp_options"] = [line.strip() for line in stamp.dat.read_text("utf-8", "replace").splitlines()
+                                 if line.strip()]
+    tracks = []
+    for path, kind, lang in stamp.tracks:
+        data = read_file(path, rel(path))
+        info = check_audio(data, rel(path), full_decode=False)
+        tracks.append(Track(data, path.suffix.lower().lstrip("."), kind, lang,
+                            {"file": rel(path), **info}))
+        build["audio_sample_rates"][str(info["sample_rate"])] += 1
+        build["audio_channels"][str(info["channels"])] += 1
+        build["audio_seconds_range"] = [min(build["audio_seconds_range"][0], info["seconds"]),
+                                        max(build["audio_seconds_range"][1], info["seconds"])]
+    return assemble(key, meta, image, caption, tracks)
+
+
+def build_tuxpaint(opts: BuildOptions) -> BuildReport:
+    if opts.input is not None or opts.num_samples is not None or opts.image_size is not None:
+        raise SourceError("--source tuxpaint takes no --input, --num-samples or --image-size "
+                          "(the package is the input; --cache says where it is kept)")
+    package = prepare_package(opts.cache)
+    stamps_dir = package.stamps_dir
+    stamps, orphans = scan_stamps(stamps_dir)
+    classes, class_id = label_classes(s.category for s in stamps)
+    make_key = KeyMaker()
+    build: dict[str, Any] = {
+        "package": {"name": package.info.name, "version": package.info.version, "sha256": package.info.sha256},
+        "stamps": len(stamps),
+        "images": dict(Counter("png+svg" if s.png and s.svg else "png" if s.png else "svg_only" if s.svg
+                               else "no_image_file" for s in stamps)),
+        "alternate_images_skipped": sum(len(s.alternates) for s in stamps),
+        "orphan_audio_files": orphans,
+        "caption_lines_unparsed": 0,
+        "image_modes": Counter(), "image_with_alpha": 0,
+        "image_size_range": {"min": [10**9, 10**9], "max": [0, 0]},
+        "audio_sample_rates": Counter(), "audio_channels": Counter(), "audio_seconds_range": [1e9, 0.0],
+    }
+    records = []
+    for stamp in stamps:
+        key = make_key(stamp.rel)
+        label = class_id[stamp.category]
+        records.append(Record(key, _split_group(stamp),
+                              lambda s=stamp, k=key, lab=label: _load_stamp(s, k, lab, stamps_dir, build)))
+    extra = {"num_classes": len(classes), "classes": classes,
+             "package": build["package"], "audio_policies": sorted(AUDIO_POLICIES)}
+    result = write_records(opts, "tuxpaint", records, extra, build, AUDIO_POLICIES)
+
+    tracks: Counter[str] = Counter()
+    with_track: Counter[str] = Counter()
+    for idx in result.indexes.values():
+        tracks.update(idx["audio_track_counts"])
+        with_track.update(idx["samples_with_audio_track"])
+    langs_other = {k.split("/")[1] for k in tracks if k.startswith("description/") and k != "description/en"}
+    n_desc_other = sum(v for k, v in tracks.items() if k.startswith("description/") and k != "description/en")
+    n_eff_loc = sum(v for k, v in tracks.items() if k.startswith("effect/") and k != "effect/-")
+    stamps_other = sum(1 for s in stamps if any(k == "description" and l != "en" for _, k, l in s.tracks))
+    images = build["images"]
+    summary = (
+        f"wrote {opts.out} from {package.info.name} {package.info.version}: {len(stamps)} stamps "
+        f"({split_summary(result.indexes)}); natural patterns: {format_counts(dict(result.totals))}; "
+        f"stamps with a sound effect {with_track['effect/-']}, an English description "
+        f"{with_track['description/en']}, another-language description {stamps_other}; tracks: effect "
+        f"{tracks['effect/-']} (+{n_eff_loc} localized), description en {tracks['description/en']}, "
+        f"other languages {n_desc_other} ({len(langs_other)} languages); image absent: svg-only "
+        f"{images.get('svg_only', 0)}, no file {images.get('no_image_file', 0)}; not written: "
+        f"{build['alternate_images_skipped']} mirror/flip images, {len(orphans)} orphan audio files"
+        + (f", skipped {format_counts(dict(result.skipped))}" if result.skipped else ""))
+    return BuildReport(result.indexes, summary, {"package": package, "build": build})
