@@ -4,7 +4,7 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-DEMO_DATA ?= data/synthetic
+DEMO_DATA ?= data/tuxpaint
 DEMO_RUN ?= runs/demo
 # DeepSpeed compiles its CPU comm op once; keep the build with the checkout.
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
@@ -22,8 +22,11 @@ $(BIN)/.installed: pyproject.toml
 
 install: $(BIN)/.installed
 
+# The built-in real data set: Debian's Tux Paint stamps (pictures, captions,
+# sound effects and spoken descriptions, with natural gaps), fetched with
+# apt-get download into ~/.cache/calmrl and checked against apt's SHA-256.
 $(DEMO_DATA)/train/index.json: $(BIN)/.installed
-	$(BIN)/calmrl data build --source synthetic --out $(DEMO_DATA) --num-samples 4000 --shard-size 250
+	$(BIN)/calmrl data build --source tuxpaint --out $(DEMO_DATA) --shard-size 100
 
 data: $(DEMO_DATA)/train/index.json
 

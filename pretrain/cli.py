@@ -21,13 +21,35 @@ def _cpu_defaults() -> None:
 
 
 def cmd_data_build(args: argparse.Namespace) -> int:
+    import tempfile
+    from pathlib import Path
+
+    from data_pipeline.sources import SOURCES, BuildOptions, SourceError, parse_split_fractions
+    from data_pipeline.storage import StorageError, is_remote, upload_tree
+
+    if is_remote(args.out):
+        # Build in a local staging folder, then upload (shards first, each index last).
+        with tempfile.TemporaryDirectory(prefix="calmrl-build-") as staging:
+            code = _build_local(args, Path(staging))
+            if code == 0:
+                try:
+                    upload_tree(staging, args.out)
+                except StorageError as exc:
+                    print(f"calmrl: upload error: {exc}", file=sys.stderr)
+                    return 2
+                print(f"uploaded to {args.out}")
+            return code
+    return _build_local(args, Path(args.out))
+
+
+def _build_local(args: argparse.Namespace, out) -> int:
     from pathlib import Path
 
     from data_pipeline.sources import SOURCES, BuildOptions, SourceError, parse_split_fractions
 
     try:
         opts = BuildOptions(
-            out=Path(args.out), shard_size=args.shard_size, seed=args.seed,
+            out=out, shard_size=args.shard_size, seed=args.seed,
             input=Path(args.input) if args.input else None, cache=Path(args.cache) if args.cache else None,
             split_fractions=parse_split_fractions(args.split_fractions) if args.split_fractions else None,
             skip_bad=args.skip_bad, num_samples=args.num_samples, image_size=args.image_size,

@@ -74,3 +74,24 @@ def test_unreachable_store_fails_fast_with_a_clear_error(monkeypatch):
         open_split("s3://calmrl-test/synthetic/train")
     assert time.monotonic() - start < 90
     assert dead in str(err.value) and "AWS_ENDPOINT_URL" in str(err.value)
+
+
+@pytest.mark.timeout(200)
+def test_cli_builds_shards_straight_to_s3(s3_env, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    fs = filesystem("s3://calmrl-cli")
+    if not fs.exists("calmrl-cli"):
+        fs.mkdir("calmrl-cli")
+    calmrl = str(Path(sys.executable).parent / "calmrl")
+    result = subprocess.run([calmrl, "data", "build", "--source", "synthetic", "--out", "s3://calmrl-cli/syn",
+                             "--num-samples", "200", "--shard-size", "50"],
+                            capture_output=True, text=True, timeout=180, env=dict(os.environ))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "uploaded to s3://calmrl-cli/syn" in result.stdout
+    cfg = DataConfig(shards="s3://calmrl-cli/syn/train", batch_size=16)
+    keys = [k for b in iterate_split(cfg, "s3://calmrl-cli/syn/train", 16) for k in b["key"] if k]
+    assert len(keys) == 160
