@@ -125,3 +125,4 @@ def _build_text_transformer(cfg: TowerConfig, data: DataConfig, vocab_size: int)
 @register_tower("audio", "conv1d")
 def _build_conv1d(cfg: TowerConfig, data: DataConfig, vocab_size: int) -> Tower:
     return ConvAudioTower(data.n_mels, cfg.width, cfg.depth)
+import pretrain.pretrained  # noqa: E402,F401  (registers the pretrained towers)
