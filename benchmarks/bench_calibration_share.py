@@ -32,7 +32,7 @@ def run(method: str, args, batches) -> tuple[float, float]:
     cfg = load_config(args.config, [
         f"--data.batch_size={args.batch}", f"--model.embed_dim={args.dim}", f"--calibration.method={method}",
         f"--calibration.latent_dim={args.latent}", "--calibration.warmup_steps=0", "--train.steps=1000000",
-        "--train.warmup_steps=1", "--train.grad_accum=1", *([f"--data.shards={args.data}"] if args.data else []),
+        "--train.warmup_steps=1", "--train.grad_accum=1", f"--train.log_every={10**6}", *([f"--data.shards={args.data}"] if args.data else []),
     ])
     cfg.train.out_dir = tempfile.mkdtemp(prefix="bench_share_")
     trainer = Trainer(cfg, batches=itertools.cycle(batches))

@@ -197,7 +197,8 @@ def test_slurm_job_trains_two_cpu_processes(tmp_path, slurm_cluster):  # noqa: F
 
     launched = _calmrl("launch", "slurm", str(TINY), "--nodes", "1", "--gpus-per-node", "0",
                        "--nproc-per-node", "2", f"--data.shards={data / 'train'}", f"--train.out_dir={out_dir}",
-                       "--train.steps=6", "--data.batch_size=16", "--data.num_workers=0", "--model.text.depth=1",
+                       "--train.steps=6", "--train.log_every=1", "--data.batch_size=16", "--data.num_workers=0",
+                       "--model.text.depth=1",
                        env=env, timeout=60)
     assert launched.returncode == 0, launched.stdout + launched.stderr
     match = re.search(r"submitted Slurm job (\d+)", launched.stdout)
