@@ -4,6 +4,8 @@
     calmrl train CONFIG [--nproc N] [--resume latest|TAG] [--section.key=value ...]
     calmrl eval RUN_DIR --data SPLIT_DIR [--checkpoint TAG] [--out DIR]
     calmrl launch slurm CONFIG --nodes N --gpus-per-node G [--partition P] [--time T] [--dry-run]
+    calmrl launch k8s CONFIG [--workers N] [--gpus-per-worker G] [--image IMAGE] [--out FILE] [--sweep SWEEP.yaml]
+    calmrl sweep SWEEP.yaml [--resume | --no-resume]
 """
 from __future__ import annotations
 
@@ -126,16 +128,21 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Extra --section.key=value arguments override the config.")
     train.add_argument("config")
     train.add_argument("--nproc", type=int, default=0, help="spawn torchrun with this many local processes")
-    train.add_argument("--resume", default=None, help="'latest' or a checkpoint folder name")
+    train.add_argument("--resume", default=None,
+                       help="'latest', a checkpoint folder name, or 'auto' (latest if there is one, else start)")
 
     ev = sub.add_parser("eval", help="evaluate a run's checkpoint on a split")
     ev.add_argument("run_dir")
     ev.add_argument("--data", required=True, help="split folder (holding index.json)")
     ev.add_argument("--checkpoint", default="latest")
     ev.add_argument("--out", default=None)
+    from cluster.k8s import add_k8s_parser
     from cluster.slurm import add_launch_parser
+    from cluster.sweep import add_sweep_parser
 
-    add_launch_parser(sub)
+    launch = add_launch_parser(sub)
+    add_k8s_parser(launch)
+    add_sweep_parser(sub)
     return parser
 
 
@@ -150,6 +157,10 @@ def main(argv: list[str] | None = None) -> int:
             from cluster.slurm import cmd_launch_slurm
 
             return cmd_launch_slurm(args, extra)
+        if args.command == "launch" and args.launch_command == "k8s":
+            from cluster.k8s import cmd_launch_k8s
+
+            return cmd_launch_k8s(args, extra)
         if args.command == "train":
             unknown = [a for a in extra if not (a.startswith("--") and "=" in a)]
             if unknown:
@@ -159,6 +170,10 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognised arguments: {' '.join(extra)}")
         if args.command == "data":
             return cmd_data_build(args)
+        if args.command == "sweep":
+            from cluster.sweep import cmd_sweep
+
+            return cmd_sweep(args)
         return cmd_eval(args)
     except ConfigError as exc:
         print(f"calmrl: config error: {exc}", file=sys.stderr)

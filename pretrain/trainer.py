@@ -322,6 +322,8 @@ class Trainer:
 
     def fit(self, resume: str | None = None) -> list[StepStats]:
         cfg = self.cfg
+        if resume == "auto":  # restartable jobs: continue if this run has a checkpoint, else start
+            resume = "latest" if (self.checkpointer.root / "latest").is_file() else None
         if resume:
             self.resume(resume)
         if self._external_batches is not None:

@@ -43,3 +43,18 @@ def test_crash_mid_save_keeps_latest_complete(synthetic_dir, tmp_path):
     assert after_crash["dirs"] == [".tmp-step_00000003", "step_00000002"]
     assert steps == [3, 4]
     assert after_resume == ["step_00000002", "step_00000004"]  # the partial save was cleared
+
+
+def _auto_resume(rank: int, world: int, shards: str, out_dir: str):
+    from pretrain.trainer import Trainer
+
+    fresh = [h.step for h in Trainer(tiny_config(shards, out_dir, train={"steps": 4, "stop_at": 2})).fit(resume="auto")]
+    again = [h.step for h in Trainer(tiny_config(shards, out_dir, train={"steps": 4})).fit(resume="auto")]
+    return fresh, again
+
+
+@pytest.mark.timeout(240)
+def test_resume_auto_starts_fresh_then_continues(synthetic_dir, tmp_path):
+    (result,) = run_distributed(_auto_resume, 1, tmp_path / "ipc", str(synthetic_dir / "train"),
+                                str(tmp_path / "run"), timeout=200)
+    assert result == ([1, 2], [3, 4])
