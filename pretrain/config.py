@@ -119,6 +119,9 @@ class TrainConfig:
     grad_accum: int = 1
     grad_clip: float = 1.0  # 0 disables clipping
     zero_stage: int = 1
+    # Extra DeepSpeed `zero_optimization` settings, passed through as given
+    # (e.g. overlap_comm, contiguous_gradients, reduce_bucket_size).
+    zero_options: dict[str, Any] = field(default_factory=dict)
     precision: str = "fp32"  # fp32 | bf16
     seed: int = 0
     log_every: int = 1

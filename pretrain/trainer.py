@@ -70,7 +70,7 @@ def deepspeed_config(cfg: Config, world: int) -> dict[str, Any]:
         "gradient_accumulation_steps": t.grad_accum,
         "train_batch_size": cfg.data.batch_size * t.grad_accum * world,
         "gradient_clipping": t.grad_clip,
-        "zero_optimization": {"stage": t.zero_stage},
+        "zero_optimization": {**t.zero_options, "stage": t.zero_stage},
         "bf16": {"enabled": t.precision == "bf16"},
         "scheduler": {
             "type": "WarmupCosineLR",
