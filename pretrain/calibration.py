@@ -172,7 +172,7 @@ class Calibrator(torch.nn.Module):
         result = self.e_step(z, present)
         return result.mean, result.sample_cov()
 
-    def _posterior(self, centred: list[Tensor], groups: PatternGroups) -> Posterior:
+    def _posterior(self, centred: Tensor, groups: PatternGroups) -> Posterior:
         precision = self._pattern_precision(groups.patterns)
         # One batched Cholesky call factors every distinct pattern's precision.
         chol = torch.linalg.cholesky(precision)
@@ -187,10 +187,12 @@ class Calibrator(torch.nn.Module):
         eye = torch.eye(self.latent_dim, dtype=self.dtype, device=self.W.device)
         return eye + torch.einsum("pm,mkl->pkl", patterns.to(self.dtype), per_modality)
 
-    def _precision_weighted_sum(self, centred: list[Tensor]) -> Tensor:
+    def _precision_weighted_sum(self, centred: Tensor) -> Tensor:
         """sum_{m in O_i} W_m^T (z_i^m - mu_m) / sigma2_m per sample, [N, k]."""
-        terms = [residual @ (self.W[j] / self.sigma2[j]) for j, residual in enumerate(centred)]
-        return torch.stack(terms).sum(dim=0)
+        # One batched product over modalities (a Python loop of small matmuls
+        # costs more in dispatch than in arithmetic at these sizes).
+        scaled_W = self.W / self.sigma2[:, None, None]
+        return torch.bmm(centred, scaled_W).sum(dim=0)
 
     @staticmethod
     def _solve_by_pattern(chol: Tensor, rhs: Tensor, groups: PatternGroups) -> Tensor:
@@ -206,8 +208,8 @@ class Calibrator(torch.nn.Module):
         unsort = torch.argsort(groups.order)
         return torch.cat(solved).index_select(0, unsort)
 
-    def _observed_features(self, z: Mapping[str, Tensor], present: Tensor) -> list[Tensor]:
-        """z^m in the internal dtype per modality, exactly zero on rows where m is absent.
+    def _observed_features(self, z: Mapping[str, Tensor], present: Tensor) -> Tensor:
+        """z^m in the internal dtype, stacked [M, N, d], exactly zero on rows where m is absent.
 
         ``masked_fill`` rather than a multiply by the mask: absent rows may hold
         NaN, and NaN * 0 is NaN. A modality missing from ``z`` counts as absent.
@@ -215,24 +217,20 @@ class Calibrator(torch.nn.Module):
         num_samples = present.shape[0]
         features = []
         for j, name in enumerate(self.modalities):
-            absent = ~present[:, j].unsqueeze(1)
             if name not in z:
-                if not bool(absent.all()):
+                if bool(present[:, j].any()):
                     raise ValueError(f"present marks '{name}' observed but z has no '{name}' entry")
                 features.append(torch.zeros(num_samples, self.dim, dtype=self.dtype, device=self.W.device))
                 continue
             values = z[name]
             if values.shape != (num_samples, self.dim):
                 raise ValueError(f"z['{name}'] has shape {tuple(values.shape)}, expected ({num_samples}, {self.dim})")
-            features.append(values.to(self.dtype).masked_fill(absent, 0.0))
-        return features
+            features.append(values.to(self.dtype))
+        return torch.stack(features).masked_fill(~present.T.unsqueeze(-1), 0.0)
 
-    def _centred_features(self, observed_features: list[Tensor], present: Tensor) -> list[Tensor]:
-        """z^m - mu_m on observed rows, zero on absent rows."""
-        return [
-            (features - self.mu[j]).masked_fill(~present[:, j].unsqueeze(1), 0.0)
-            for j, features in enumerate(observed_features)
-        ]
+    def _centred_features(self, observed_features: Tensor, present: Tensor) -> Tensor:
+        """z^m - mu_m on observed rows, zero on absent rows, [M, N, d]."""
+        return (observed_features - self.mu[:, None, :]).masked_fill(~present.T.unsqueeze(-1), 0.0)
 
     def _check_present(self, present: Tensor) -> Tensor:
         if present.ndim != 2 or present.shape[1] != len(self.modalities):
@@ -259,11 +257,13 @@ class Calibrator(torch.nn.Module):
                   normalize: bool | None) -> dict[str, Tensor]:
         normalize = self.normalize_imputed if normalize is None else normalize
         fallback_dtype = next(iter(z.values())).dtype if z else self.dtype
+        # W_m b_i + mu_m for every modality at once: [M, N, d]
+        all_imputed = torch.matmul(result.mean.unsqueeze(0), self.W.transpose(1, 2)) + self.mu[:, None, :]
+        if normalize:
+            all_imputed = F.normalize(all_imputed, dim=-1)
         completed = {}
         for j, name in enumerate(self.modalities):
-            imputed = result.mean @ self.W[j].T + self.mu[j]
-            if normalize:
-                imputed = F.normalize(imputed, dim=-1)
+            imputed = all_imputed[j]
             observed = present[:, j].unsqueeze(1)
             if name in z:
                 features = z[name]
@@ -340,7 +340,7 @@ class Calibrator(torch.nn.Module):
         centred = self._centred_features(observed_features, present)
         self._fold_statistics(observed_features, present, self._posterior(centred, groups), decay)
 
-    def _fold_statistics(self, observed_features: list[Tensor], present: Tensor, result: Posterior,
+    def _fold_statistics(self, observed_features: Tensor, present: Tensor, result: Posterior,
                          decay: float | None) -> None:
         decay = self.decay if decay is None else decay
         batch = self._batch_statistics(observed_features, present, result)
@@ -365,37 +365,28 @@ class Calibrator(torch.nn.Module):
         with torch.no_grad():
             detached = Posterior(mean=result.mean.detach(), pattern_cov=result.pattern_cov,
                                  pattern_chol=result.pattern_chol, rhs=result.rhs.detach(), groups=groups)
-            self._fold_statistics([f.detach() for f in observed_features], present, detached, None)
+            self._fold_statistics(observed_features.detach(), present, detached, None)
         return self._complete(z, present, result, normalize)
 
     def _batch_statistics(
-        self, observed_features: list[Tensor], present: Tensor, result: Posterior
+        self, observed_features: Tensor, present: Tensor, result: Posterior
     ) -> dict[str, Tensor]:
         """Counts, sum z bt^T, sum St and sum |z|^2 of this batch, per modality."""
         k = self.latent_dim
         ones = torch.ones(present.shape[0], 1, dtype=self.dtype, device=self.W.device)
-        bt = torch.cat([result.mean, ones], dim=1)
-        pattern_sizes = result.groups.counts.to(self.dtype)
-
-        n_obs, sum_z_bt, sum_St, sum_zsq = [], [], [], []
-        for j in range(len(self.modalities)):
-            observed = present[:, j]
-            features = observed_features[j]  # zero on absent rows, so they add nothing below
-            observed_bt = bt * observed.unsqueeze(1).to(self.dtype)
-            # sum_i V_i over the samples with m observed: V depends only on the pattern.
-            samples_per_pattern = pattern_sizes * result.groups.patterns[:, j].to(self.dtype)
-            cov_sum = torch.einsum("p,pkl->kl", samples_per_pattern, result.pattern_cov)
-            St = observed_bt.T @ observed_bt
-            St[:k, :k] += cov_sum
-            n_obs.append(observed.sum().to(self.dtype))
-            sum_z_bt.append(features.T @ observed_bt)
-            sum_St.append(St)
-            sum_zsq.append(features.square().sum())
+        bt = torch.cat([result.mean, ones], dim=1)  # [N, k+1]
+        mask = present.T.unsqueeze(-1).to(self.dtype)  # [M, N, 1]
+        observed_bt = bt.unsqueeze(0) * mask  # [M, N, k+1], zero where m is absent
+        features = observed_features  # [M, N, d], zero on absent rows
+        # sum_i V_i over the samples with m observed: V depends only on the pattern.
+        samples_per_pattern = result.groups.counts.to(self.dtype)[None, :] * result.groups.patterns.T.to(self.dtype)
+        sum_St = observed_bt.transpose(1, 2) @ observed_bt  # [M, k+1, k+1]
+        sum_St[:, :k, :k] += torch.einsum("mp,pkl->mkl", samples_per_pattern, result.pattern_cov)
         return {
-            "n_obs": torch.stack(n_obs),
-            "sum_z_bt": torch.stack(sum_z_bt),
-            "sum_St": torch.stack(sum_St),
-            "sum_zsq": torch.stack(sum_zsq),
+            "n_obs": present.sum(dim=0).to(self.dtype),
+            "sum_z_bt": features.transpose(1, 2) @ observed_bt,  # [M, d, k+1]
+            "sum_St": sum_St,
+            "sum_zsq": features.square().sum(dim=(1, 2)),
         }
 
     def _all_reduce_statistics(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -105,10 +105,12 @@ class Completion(torch.nn.Module):
             return Completed(emb, present, present)
         # step B: impute with the current state (the M-step runs in end_step, after
         # the optimizer step, so statistics and imputation share one E-step)
-        source = emb if self.cfg.grad_through_imputation else detached
-        imputed = self.calibrator.accumulate_and_impute(source, present)
-        completed = {m: torch.where(present[:, i:i + 1], emb[m], imputed[m].to(emb[m].dtype))
-                     for i, m in enumerate(self.modalities)}
+        if self.cfg.grad_through_imputation:
+            completed = self.calibrator.accumulate_and_impute(emb, present)  # observed rows are emb's
+        else:
+            imputed = self.calibrator.accumulate_and_impute(detached, present)
+            completed = {m: torch.where(present[:, i:i + 1], emb[m], imputed[m].to(emb[m].dtype))
+                         for i, m in enumerate(self.modalities)}
         return Completed(completed, present, has_any.expand_as(present))
 
     def end_step(self, step: int) -> None:
