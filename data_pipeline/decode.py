@@ -7,6 +7,7 @@ shard.
 """
 from __future__ import annotations
 
+import functools
 import io
 from dataclasses import dataclass
 
@@ -88,6 +89,13 @@ def load_waveform(data: bytes, sample_rate: int, max_seconds: float | None = Non
     return mono.astype(np.float32, copy=False)
 
 
+@functools.lru_cache(maxsize=8)
+def mel_filterbank(fmt: AudioFormat) -> np.ndarray:
+    """The [n_mels, 1 + n_fft/2] filterbank, built once per format (librosa's
+    melspectrogram would rebuild it for every clip)."""
+    return librosa.filters.mel(sr=fmt.sample_rate, n_fft=fmt.n_fft, n_mels=fmt.n_mels).astype(np.float32)
+
+
 def log_mel(wave: np.ndarray, fmt: AudioFormat) -> torch.Tensor:
     """Waveform -> log-mel [n_mels, num_frames], cropped or zero-padded to fmt.seconds."""
     n = fmt.num_samples
@@ -95,9 +103,8 @@ def log_mel(wave: np.ndarray, fmt: AudioFormat) -> torch.Tensor:
         wave = wave[:n]
     else:
         wave = np.pad(wave, (0, n - wave.shape[0]))
-    mel = librosa.feature.melspectrogram(
-        y=wave, sr=fmt.sample_rate, n_fft=fmt.n_fft, hop_length=fmt.hop_length, n_mels=fmt.n_mels
-    )
+    power = np.abs(librosa.stft(wave, n_fft=fmt.n_fft, hop_length=fmt.hop_length)) ** 2
+    mel = mel_filterbank(fmt) @ power
     return torch.from_numpy(np.log(mel + 1e-6).astype(np.float32))
 
 

@@ -386,7 +386,7 @@ class Calibrator(torch.nn.Module):
             "n_obs": present.sum(dim=0).to(self.dtype),
             "sum_z_bt": features.transpose(1, 2) @ observed_bt,  # [M, d, k+1]
             "sum_St": sum_St,
-            "sum_zsq": features.square().sum(dim=(1, 2)),
+            "sum_zsq": torch.linalg.vector_norm(features, dim=(1, 2)).square(),
         }
 
     def _all_reduce_statistics(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:

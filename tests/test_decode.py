@@ -44,3 +44,14 @@ def test_long_stereo_audio_is_cropped_then_resampled():
     mel = decode_audio(buf.getvalue(), fmt)
     assert mel.shape == (32, fmt.num_frames) and torch.isfinite(mel).all()
     assert mel.mean(1).argmax() == mel.mean(1)[:12].argmax()  # 440 Hz energy sits in a low mel band
+
+
+def test_log_mel_matches_librosa_melspectrogram():
+    import librosa
+
+    fmt = AudioFormat(8000, 0.5, 32, 256, 128)
+    wave = np.random.default_rng(0).standard_normal(4000).astype(np.float32)
+    from data_pipeline.decode import log_mel
+
+    ref = librosa.feature.melspectrogram(y=wave, sr=8000, n_fft=256, hop_length=128, n_mels=32)
+    assert torch.allclose(log_mel(wave, fmt), torch.from_numpy(np.log(ref + 1e-6)).float(), atol=1e-4)
