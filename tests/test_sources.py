@@ -61,7 +61,7 @@ def mask_of(meta: dict) -> tuple[bool, ...]:
 @pytest.fixture(scope="session")
 def tuxpaint_build(tmp_path_factory):
     if not (shutil.which("apt-get") and shutil.which("apt-cache") and shutil.which("dpkg-deb")):
-        pytest.skip("the tuxpaint source needs APT and dpkg (Debian/Ubuntu)")
+        pytest.fail("the tuxpaint source needs apt-get, apt-cache and dpkg-deb (Debian/Ubuntu): none found on PATH")
     out = tmp_path_factory.mktemp("tuxpaint")
     report = SOURCES["tuxpaint"](BuildOptions(out=out, cache=tuxpaint.default_cache_dir(), progress=False))
     return out, report
