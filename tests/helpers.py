@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import socket
 import traceback
 from pathlib import Path
 from typing import Any, Callable
@@ -11,6 +10,7 @@ from typing import Any, Callable
 import torch.multiprocessing as mp
 
 from pretrain.config import Config, config_from_dict
+from pretrain.trainer import free_port  # noqa: F401  (tests import it from here)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -30,12 +30,6 @@ def tiny_config(shards: str | Path, out_dir: str | Path, **sections: dict[str, A
     for name, values in sections.items():
         tree[name] = {**tree.get(name, {}), **values}
     return config_from_dict(tree, "<test>")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _child(fn: Callable, rank: int, world: int, port: int, out_dir: str, args: tuple) -> None:
