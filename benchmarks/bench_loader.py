@@ -13,9 +13,7 @@ Goal (issue 4): per worker at least 0.9x the bare limit.
 from __future__ import annotations
 
 import argparse
-import io
 import json
-import os
 import sys
 import tarfile
 import time
@@ -23,6 +21,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
 
 from data_pipeline.decode import AudioFormat, decode_audio, decode_image, decode_text  # noqa: E402
 from data_pipeline.reader import BatchLoader, SampleDecoder, open_split  # noqa: E402
@@ -82,9 +82,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--image-size", type=int, default=32)
     args = parser.parse_args()
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    # A DataLoader worker runs torch with one thread; the bare limit must too,
+    # or OpenMP spin-waits on small tensors make it slower or faster by chance.
+    torch.set_num_threads(1)
     for split in args.splits:
         base = DataConfig(shards=split, batch_size=args.batch, shuffle_buffer=256, image_size=args.image_size)
+        bare_limit(base, 64)  # warm-up: first calls into librosa/numpy FFT plans and PIL plugins
         bare = bare_limit(base, args.samples)
         print(f"{split}: bare limit {bare:8.1f} samples/s (one process, tarfile + decoders)")
         for workers in (1, 2):
