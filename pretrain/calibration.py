@@ -47,8 +47,6 @@ class PatternGroups:
 
     patterns: Tensor  # [P, M] bool: the observed set of each distinct pattern
     index: Tensor  # [N] long: pattern id of every sample
-    order: Tensor  # [N] long: sample ids sorted by pattern id (stable)
-    sizes: list[int]  # samples per pattern, in pattern-id order
 
     @property
     def counts(self) -> Tensor:
@@ -77,9 +75,7 @@ def _pattern_groups(present: Tensor) -> PatternGroups:
     codes = (present.long() << bits).sum(dim=1)
     unique_codes, index = torch.unique(codes, sorted=True, return_inverse=True)
     patterns = ((unique_codes.unsqueeze(1) >> bits) & 1).bool()
-    sizes = torch.bincount(index, minlength=unique_codes.numel()).tolist()
-    order = torch.argsort(index, stable=True)
-    return PatternGroups(patterns=patterns, index=index, order=order, sizes=sizes)
+    return PatternGroups(patterns=patterns, index=index)
 
 
 class Calibrator(torch.nn.Module):
@@ -177,8 +173,13 @@ class Calibrator(torch.nn.Module):
         # One batched Cholesky call factors every distinct pattern's precision.
         chol = torch.linalg.cholesky(precision)
         rhs = self._precision_weighted_sum(centred)
-        mean = self._solve_by_pattern(chol, rhs, groups)
         pattern_cov = torch.cholesky_inverse(chol)
+        # b_i = V_O rhs_i: every pattern's V applied to the whole batch is one
+        # small batched product ([P, N, k], P <= 2^M - 1), then each sample takes
+        # its own pattern's row. P_O = I + ... has eigenvalues >= 1, so V_O from
+        # the Cholesky inverse is as accurate as a per-pattern triangular solve,
+        # and there is no sort, loop or scatter over patterns.
+        mean = torch.matmul(rhs.unsqueeze(0), pattern_cov)[groups.index, torch.arange(rhs.shape[0], device=rhs.device)]
         return Posterior(mean=mean, pattern_cov=pattern_cov, pattern_chol=chol, rhs=rhs, groups=groups)
 
     def _pattern_precision(self, patterns: Tensor) -> Tensor:
@@ -193,20 +194,6 @@ class Calibrator(torch.nn.Module):
         # costs more in dispatch than in arithmetic at these sizes).
         scaled_W = self.W / self.sigma2[:, None, None]
         return torch.bmm(centred, scaled_W).sum(dim=0)
-
-    @staticmethod
-    def _solve_by_pattern(chol: Tensor, rhs: Tensor, groups: PatternGroups) -> Tensor:
-        """Solve P_O b = rhs for all samples: one Cholesky solve per pattern, never per sample."""
-        if rhs.shape[0] == 0:
-            return rhs.clone()
-        sorted_rhs = rhs.index_select(0, groups.order)
-        solved = [
-            torch.cholesky_solve(block.T, chol[p]).T
-            for p, block in enumerate(sorted_rhs.split(groups.sizes))
-        ]
-        # Undo the sort with index_select (not an in-place scatter) to keep autograd simple.
-        unsort = torch.argsort(groups.order)
-        return torch.cat(solved).index_select(0, unsort)
 
     def _observed_features(self, z: Mapping[str, Tensor], present: Tensor) -> Tensor:
         """z^m in the internal dtype, stacked [M, N, d], exactly zero on rows where m is absent.
