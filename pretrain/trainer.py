@@ -301,7 +301,7 @@ class Trainer:
             if (self.step + 1) % self.cfg.train.log_every == 0:
                 log_likelihood = self.completion.log_likelihood(out["emb"], batch["present"])
                 complete = batch["present"].all(1)
-                self._last_complete_emb = ({m: e.detach()[complete].float().cpu() for m, e in out["emb"].items()}
+                self._last_complete_emb = ({m: e.detach()[complete].float() for m, e in out["emb"].items()}
                                            if int(complete.sum()) >= 2 else None)
             loss_value += float(losses["loss_value"]) / self.cfg.train.grad_accum
             self._last_logit_scale = float(out["logit_scale"].detach()[0])
