@@ -19,6 +19,10 @@ logged once with its key and shard, and skipped; a shard whose tar breaks
 off is counted and the rest of it skipped. The counts travel with the
 batches (`LoaderState.bad_samples`). A missing shard or an unreachable store
 is an error that names it.
+
+`data.extra_missing` hides more modalities in training streams only (the
+benchmark's imposed missing rates; data_pipeline/missing.py): the hidden
+entries are not decoded, and evaluation (`iterate_split`) sees every one.
 """
 from __future__ import annotations
 
@@ -46,6 +50,7 @@ from data_pipeline.decode import (
     decode_image,
     decode_text,
 )
+from data_pipeline.missing import keep_mask
 from data_pipeline.shards import read_index
 from data_pipeline.storage import StorageError, is_remote, join, list_names, open_read, read_bytes
 from data_pipeline.tokenizer import load_tokenizer
@@ -127,8 +132,10 @@ def open_split(split_dir: str | Path, tokenizer: str = "") -> SplitInfo:
 class SampleDecoder:
     """Raw tar sample (dict of bytes) -> decoded tensors + present mask."""
 
-    def __init__(self, cfg: DataConfig, tokenizer_json: str):
+    def __init__(self, cfg: DataConfig, tokenizer_json: str, impose_missing: bool = False):
+        """`impose_missing`: hide `cfg.extra_missing` of the modalities (training streams only)."""
         self.cfg = cfg
+        self.impose_missing = impose_missing and cfg.extra_missing > 0
         self.tokenizer = load_tokenizer(tokenizer_json, cfg.max_text_len)
         self.audio = AudioFormat(cfg.sample_rate, cfg.audio_seconds, cfg.n_mels, cfg.n_fft, cfg.hop_length)
 
@@ -169,6 +176,10 @@ class SampleDecoder:
                 raise DecodeError(f"metadata lists {listed} but the shard holds {found}")
             if not found:
                 raise DecodeError("sample holds no modality")
+            if self.impose_missing:  # hidden entries are never decoded
+                keep = keep_mask(key, [v is not None for v in (image, text, audio)], self.cfg.extra_missing,
+                                 self.cfg.extra_missing_seed, self.cfg.extra_missing_mode)
+                image, text, audio = (v if k else None for v, k in zip((image, text, audio), keep))
             if image is not None:
                 out["image"] = decode_image(image, self.cfg.image_size)
             if text is not None:
@@ -290,7 +301,7 @@ class ShardStream(IterableDataset):
         return raw
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        decoder = SampleDecoder(self.cfg, self.split.tokenizer_json)
+        decoder = SampleDecoder(self.cfg, self.split.tokenizer_json, impose_missing=True)
         role = self._role()
         reader = self.rank * self.num_roles + role
         epoch, offset = self.state.roles.get(role, (0, 0))

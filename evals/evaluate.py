@@ -12,6 +12,8 @@ from itertools import permutations
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from evals.anchor_shift import anchor_shift
 from data_pipeline.reader import open_split
 from evals.embed import embed_split, load_completion, load_run
@@ -19,31 +21,40 @@ from evals.imputation import imputation_error
 from evals.plots import plot_eval
 from evals.retrieval import retrieval_metrics
 from evals.zero_shot import class_embeddings, zero_shot_accuracy
+from pretrain.calibration import Calibrator
 from pretrain.config import MODALITIES
 
 
 def evaluate_run(run_dir: str | Path, split_dir: str | Path, tag: str = "latest") -> dict[str, Any]:
     cfg, model, tag = load_run(run_dir, tag)
     data = embed_split(model, cfg, split_dir)
-    complete = data["present"].all(1)
+    calibrator = load_completion(run_dir, tag).calibrator  # None unless the run used CalMRL
     results: dict[str, Any] = {"run": str(run_dir), "checkpoint": tag, "split": str(split_dir),
-                               "num_samples": len(data["key"]), "num_complete": int(complete.sum()),
-                               "retrieval": {}}
-    for a, b in permutations(MODALITIES, 2):
-        q, k = data["emb"][a][complete], data["emb"][b][complete]
-        results["retrieval"][f"{a}->{b}"] = retrieval_metrics(q, k)
+                               **embedding_metrics(data["emb"], data["present"], calibrator)}
     split = open_split(split_dir, cfg.data.tokenizer)
     classes = split.index.get("classes")
     if classes:
         template = split.index.get("prompt_template", "{}")
         class_emb = class_embeddings(model, cfg, split.tokenizer_json, [template.format(c) for c in classes])
         results["zero_shot"] = zero_shot_accuracy(data["emb"], data["present"], data["label"], class_emb)
+    return results
+
+
+def embedding_metrics(emb: dict[str, torch.Tensor], present: torch.Tensor,
+                      calibrator: Calibrator | None) -> dict[str, Any]:
+    """Retrieval between every ordered pair of modalities on complete instances,
+    anchor shift per pattern and imputation error (with `calibrator` when there
+    is one), and the mean R@1 over the pairs."""
+    complete = present.all(1)
+    results: dict[str, Any] = {"num_samples": int(present.shape[0]), "num_complete": int(complete.sum()),
+                               "retrieval": {}}
+    for a, b in permutations(MODALITIES, 2):
+        results["retrieval"][f"{a}->{b}"] = retrieval_metrics(emb[a][complete], emb[b][complete])
     if int(complete.sum()) > 1:
-        calibrator = load_completion(run_dir, tag).calibrator  # None unless the run used CalMRL
-        complete_emb = {m: data["emb"][m][complete] for m in MODALITIES}
+        complete_emb = {m: emb[m][complete] for m in MODALITIES}
         results["anchor_shift"] = anchor_shift(complete_emb, calibrator, MODALITIES)
         # mean-fill uses each modality's mean over every sample holding it
-        means = {m: data["emb"][m][data["present"][:, j]].mean(0) for j, m in enumerate(MODALITIES)}
+        means = {m: emb[m][present[:, j]].mean(0) for j, m in enumerate(MODALITIES)}
         results["imputation_error"] = imputation_error(complete_emb, calibrator, MODALITIES, means)
     r1 = [v["R@1"] for v in results["retrieval"].values()]
     results["mean_R@1"] = sum(r1) / len(r1) if r1 else float("nan")

@@ -143,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     launch = add_launch_parser(sub)
     add_k8s_parser(launch)
     add_sweep_parser(sub)
+    from evals.benchmark import add_benchmark_parser
+
+    add_benchmark_parser(sub)
     return parser
 
 
@@ -166,6 +169,14 @@ def main(argv: list[str] | None = None) -> int:
             if unknown:
                 parser.error(f"unrecognised arguments: {' '.join(unknown)}")
             return cmd_train(args, extra)
+        if args.command == "benchmark":
+            unknown = [a for a in extra if not (a.startswith("--") and "=" in a)]
+            if unknown:
+                parser.error(f"unrecognised arguments: {' '.join(unknown)}")
+            _cpu_defaults()
+            from evals.benchmark import cmd_benchmark
+
+            return cmd_benchmark(args, extra)
         if extra:
             parser.error(f"unrecognised arguments: {' '.join(extra)}")
         if args.command == "data":

@@ -42,6 +42,12 @@ class DataConfig:
     tokenizer: str = ""  # "" = the split's tokenizer.json; "minilm" or a tokenizer.json path for pretrained text towers
     resampled: bool = False  # draw shards with replacement; epochs become virtual
     epoch_samples: int = 0  # resampled mode: samples per reader per virtual epoch (0: its shards' count)
+    # Extra missing modalities imposed on the training stream (never on evaluation):
+    # see data_pipeline/missing.py. "instance": this fraction of multi-modal samples
+    # lose a random non-empty proper subset; "entry": each modality hidden independently.
+    extra_missing: float = 0.0
+    extra_missing_mode: str = "instance"
+    extra_missing_seed: int = 0
 
 
 @dataclass
@@ -151,6 +157,9 @@ class Config:
             (0 <= t.warmup_steps <= t.steps, "train.warmup_steps", "must lie in [0, train.steps]"),
             (self.data.batch_size >= 1, "data.batch_size", "must be >= 1"),
             (self.data.num_workers >= 0, "data.num_workers", "must be >= 0"),
+            (0.0 <= self.data.extra_missing <= 1.0, "data.extra_missing", "must lie in [0, 1]"),
+            (self.data.extra_missing_mode in ("instance", "entry"), "data.extra_missing_mode",
+             "must be 'instance' or 'entry'"),
             (self.loss.objective in ("pairwise", "gram", "pmrl"), "loss.objective",
              "must be one of: pairwise, gram, pmrl"),
             (self.loss.gram_anchor in MODALITIES, "loss.gram_anchor", f"must be one of: {', '.join(MODALITIES)}"),

@@ -125,4 +125,41 @@ def _build_text_transformer(cfg: TowerConfig, data: DataConfig, vocab_size: int)
 @register_tower("audio", "conv1d")
 def _build_conv1d(cfg: TowerConfig, data: DataConfig, vocab_size: int) -> Tower:
     return ConvAudioTower(data.n_mels, cfg.width, cfg.depth)
+
+
+class FeatureTower(Tower):
+    """Precomputed features [N, dim] (e.g. a frozen backbone's outputs, cached
+    once by `calmrl benchmark`): LayerNorm, then `depth` GELU layers of `width`
+    (depth 0: the normalised features themselves; the model's head follows)."""
+
+    def __init__(self, modality: str, dim: int, width: int, depth: int):
+        super().__init__()
+        self.modality = modality
+        layers: list[nn.Module] = [nn.LayerNorm(dim)]
+        channels = dim
+        for _ in range(depth):
+            layers += [nn.Linear(channels, width), nn.GELU()]
+            channels = width
+        self.body = nn.Sequential(*layers)
+        self.out_dim = channels
+
+    def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.body(inputs[self.modality].float())
+
+
+def _feature_builder(modality: str) -> Builder:
+    def build(cfg: TowerConfig, data: DataConfig, vocab_size: int) -> Tower:
+        dim = cfg.options.get("dim")
+        unknown = set(cfg.options) - {"dim"}
+        if not isinstance(dim, int) or dim < 1 or unknown:
+            raise ValueError(f"{modality} tower 'features' needs options {{dim: N}} (the feature size) and "
+                             f"nothing else; got {cfg.options}")
+        return FeatureTower(modality, dim, cfg.width, cfg.depth)
+
+    return build
+
+
+for _modality in ("image", "text", "audio"):
+    register_tower(_modality, "features")(_feature_builder(_modality))
+
 import pretrain.pretrained  # noqa: E402,F401  (registers the pretrained towers)

@@ -153,10 +153,10 @@ def build_model(cfg: Config, vocab_size: int) -> MultiModalModel:
 class RunLog:
     """Rank 0's JSONL log and progress bar; other ranks keep quiet."""
 
-    def __init__(self, out_dir: Path, total: int, start: int, enabled: bool):
+    def __init__(self, out_dir: Path, total: int, start: int, enabled: bool, progress: bool = True):
         self.enabled = enabled
         self.path = out_dir / "log.jsonl"
-        self.bar = tqdm(total=total, initial=start, desc="train", unit="step", disable=not enabled,
+        self.bar = tqdm(total=total, initial=start, desc="train", unit="step", disable=not (enabled and progress),
                         dynamic_ncols=True)
 
     def write(self, record: dict[str, Any]) -> None:
@@ -184,8 +184,9 @@ class StepStats:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, batches: Iterator[dict[str, Any]] | None = None):
-        """`batches` replaces the shard loader (benchmarks feed in-memory batches)."""
+    def __init__(self, cfg: Config, batches: Iterator[dict[str, Any]] | None = None, progress: bool = True):
+        """`batches` replaces the shard loader (benchmarks feed in-memory batches);
+        `progress` False hides the step bar (callers with a bar of their own)."""
         import deepspeed
 
         init_distributed()
@@ -210,6 +211,7 @@ class Trainer:
         self.step = 0
         self.loader_state = LoaderState()
         self._external_batches = batches
+        self.progress = progress
         self._last_complete_emb: dict[str, torch.Tensor] | None = None
         self.metrics = MetricsExporter(cfg.metrics, self.rank, int(os.environ.get("LOCAL_RANK", 0)))
         self.batches: Iterator[dict[str, Any]] | None = None
@@ -331,7 +333,7 @@ class Trainer:
         else:
             self.batches = BatchLoader(cfg.data, self.rank, self.world, self.loader_state)
         stop_at = cfg.train.steps
-        log = RunLog(self.out_dir, cfg.train.steps, self.step, enabled=self.rank == 0)
+        log = RunLog(self.out_dir, cfg.train.steps, self.step, enabled=self.rank == 0, progress=self.progress)
         history: list[StepStats] = []
         self.engine.train()
         try:
