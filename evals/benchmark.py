@@ -18,11 +18,12 @@ How a run is made: each data set's train and test splits are read once,
 through the real shard reader, into memory. Towers marked `freeze: true` in
 the data set's config (the pretrained image and text towers of the Tux Paint
 preset) are run once over those splits and their outputs cached on disk
-(`~/.cache/calmrl/benchmark`, named by content); the runs then train `features` towers (LayerNorm + `depth`
-GELU layers of `width`, from the frozen tower's config) on the cached outputs, which is exactly what training the frozen
-tower would compute, at a fraction of the cost. Every run is a real
-DeepSpeed `Trainer` fed in-memory batches. Finished runs keep their
-`result.json`; running the same command again skips them (resume).
+(`~/.cache/calmrl/benchmark`, named by content); the runs then train
+`features` towers (LayerNorm + `depth` GELU layers of `width`, taken from the
+frozen tower's config) on the cached outputs: what training beside a frozen
+tower computes, at a fraction of the cost. Every run is a real DeepSpeed
+`Trainer` fed in-memory batches. Finished runs keep their `result.json`;
+running the same command again skips them (resume).
 
 Outputs in OUT: benchmark.json (every run and the summary), benchmark.csv
 (one row per run), benchmark.md (the tables) and benchmark.png (R@1 against
@@ -449,6 +450,33 @@ def ensure_data(spec: DatasetSpec) -> None:
     print(report.summary)
 
 
+class SettingsMismatch(SystemExit):
+    pass
+
+
+def check_settings(preset: Preset, out: Path) -> None:
+    """Resuming into `out` is only sound with the same settings: refuse otherwise.
+
+    Seeds, rates and methods may grow (more runs); the data sets' configs and
+    roots and the overrides must be the same as when `out` was started."""
+    settings = {"overrides": list(preset.overrides),
+                "datasets": {d.name: {"root": str(Path(d.root).resolve()),
+                                      "config": hashlib.sha256(Path(d.config).read_bytes()).hexdigest()}
+                             for d in preset.datasets}}
+    path = out / "settings.json"
+    if path.is_file():
+        before = json.loads(path.read_text())
+        for name, now in settings["datasets"].items():
+            if name in before["datasets"] and before["datasets"][name] != now:
+                raise SettingsMismatch(f"calmrl benchmark: {out} holds {name} runs made with another config or data "
+                                       f"root ({before['datasets'][name]}); use a new --out")
+        if before["overrides"] != settings["overrides"]:
+            raise SettingsMismatch(f"calmrl benchmark: {out} holds runs made with overrides {before['overrides']}, "
+                                   f"not {settings['overrides']}; use a new --out")
+        settings["datasets"] = {**before["datasets"], **settings["datasets"]}
+    write_atomic(path, json.dumps(settings, indent=1))
+
+
 def plan_runs(preset: Preset, datasets: tuple[DatasetSpec, ...]) -> list[RunSpec]:
     runs = []
     for spec in datasets:
@@ -463,6 +491,7 @@ def run_benchmark(preset: Preset, out: Path, cache_dir: Path | None = None) -> d
     """Every run of the preset not already in `out`, then the report. Frozen-tower
     outputs are cached in `cache_dir` (default ~/.cache/calmrl/benchmark)."""
     out.mkdir(parents=True, exist_ok=True)
+    check_settings(preset, out)
     cache_dir = cache_dir or default_cache_dir()
     datasets = preset.datasets
     runs = plan_runs(preset, datasets)

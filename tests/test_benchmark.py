@@ -112,3 +112,6 @@ def test_quick_preset_end_to_end_and_resume(synthetic_dir, tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*/result.json")} == stamps  # nothing retrained
     assert json.loads((out / "benchmark.json").read_text())["summary"] == report["summary"]
+
+    other = subprocess.run([*args, "--train.lr=1e-2"], capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
+    assert other.returncode != 0 and "use a new --out" in other.stderr
