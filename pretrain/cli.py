@@ -26,7 +26,6 @@ def cmd_data_build(args: argparse.Namespace) -> int:
     import tempfile
     from pathlib import Path
 
-    from data_pipeline.sources import SOURCES, BuildOptions, SourceError, parse_split_fractions
     from data_pipeline.storage import StorageError, is_remote, upload_tree
 
     if is_remote(args.out):
@@ -47,7 +46,7 @@ def cmd_data_build(args: argparse.Namespace) -> int:
 def _build_local(args: argparse.Namespace, out) -> int:
     from pathlib import Path
 
-    from data_pipeline.sources import SOURCES, BuildOptions, SourceError, parse_split_fractions
+    from data_pipeline.sources import SOURCES, BuildOptions, SourceError, parse_missing, parse_split_fractions
 
     try:
         opts = BuildOptions(
@@ -55,6 +54,7 @@ def _build_local(args: argparse.Namespace, out) -> int:
             input=Path(args.input) if args.input else None, cache=Path(args.cache) if args.cache else None,
             split_fractions=parse_split_fractions(args.split_fractions) if args.split_fractions else None,
             skip_bad=args.skip_bad, num_samples=args.num_samples, image_size=args.image_size,
+            missing=parse_missing(args.missing) if args.missing else None,
         )
         report = SOURCES[args.source](opts)
     except SourceError as exc:
@@ -123,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="count and skip records whose files do not decode, instead of stopping")
     build.add_argument("--num-samples", type=int, default=None, help="synthetic only (default 2000)")
     build.add_argument("--image-size", type=int, default=None, help="synthetic only (default 32)")
+    build.add_argument("--missing", default=None,
+                       help="synthetic only: image,text,audio missing rates (default 0.2,0.1,0.3; 0,0,0: complete)")
 
     train = sub.add_parser("train", help="train (under torchrun, or spawn it with --nproc)",
                            description="Extra --section.key=value arguments override the config.")

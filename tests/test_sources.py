@@ -406,3 +406,14 @@ def test_synthetic_still_builds_through_the_registry(tmp_path, capsys):
     assert code == 0
     assert "train 48 samples in 2 shards" in capsys.readouterr().out
     assert read_index(tmp_path / "syn" / "train")["source"] == "synthetic"
+
+
+def test_synthetic_missing_rates_from_the_command_line(tmp_path, capsys):
+    code = cli_main(["data", "build", "--source", "synthetic", "--out", str(tmp_path / "syn"),
+                     "--num-samples", "60", "--shard-size", "30", "--missing", "0,0,0"])
+    assert code == 0
+    for split in ("train", "val", "test"):
+        assert set(read_index(tmp_path / "syn" / split)["pattern_counts"]) == {"image+text+audio"}
+    assert cli_main(["data", "build", "--source", "synthetic", "--out", str(tmp_path / "bad"),
+                     "--missing", "0,1.5,0"]) == 2
+    assert "--missing '0,1.5,0'" in capsys.readouterr().err

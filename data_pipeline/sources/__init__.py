@@ -38,6 +38,7 @@ class BuildOptions:
     progress: bool = True
     num_samples: int | None = None  # synthetic only
     image_size: int | None = None  # synthetic only
+    missing: tuple[float, float, float] | None = None  # synthetic only: image, text, audio missing rates
     vocab_size: int = 2000
 
 
@@ -78,4 +79,15 @@ def parse_split_fractions(text: str) -> tuple[float, float, float]:
     if len(values) != 3 or any(v < 0 for v in values) or abs(sum(values) - 1.0) > 1e-6:
         raise SourceError(f"--split-fractions '{text}': expected three non-negative fractions "
                           "(train,val,test) summing to 1, like 0.8,0.1,0.1")
+    return values  # type: ignore[return-value]
+
+
+def parse_missing(text: str) -> tuple[float, float, float]:
+    """'0.2,0.1,0.3' -> per-modality missing rates (image, text, audio), each in [0, 1)."""
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise SourceError(f"--missing '{text}': expected three numbers like 0.2,0.1,0.3") from None
+    if len(values) != 3 or any(not 0.0 <= v < 1.0 for v in values):
+        raise SourceError(f"--missing '{text}': expected three rates in [0, 1) for image,text,audio, like 0,0,0")
     return values  # type: ignore[return-value]

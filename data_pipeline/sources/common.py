@@ -339,6 +339,8 @@ def build_synthetic_source(opts: BuildOptions) -> BuildReport:
         kwargs["num_samples"] = opts.num_samples
     if opts.image_size is not None:
         kwargs["image_size"] = opts.image_size
+    if opts.missing is not None:
+        kwargs["missing"] = tuple(opts.missing)
     if opts.split_fractions is not None:
         kwargs["split_fractions"] = tuple(opts.split_fractions)
     indexes = build_synthetic(opts.out, SyntheticSpec(**kwargs), progress=opts.progress)
