@@ -39,7 +39,7 @@ def write_sweep(tmp_path: Path, base: Path, **fields) -> Path:
 
 # --- the sweep file ----------------------------------------------------------
 @pytest.mark.parametrize("fields,message", [
-    ({"params": {"data.extra_missing": [0.1, 0.2]}}, "not a config key"),
+    ({"params": {"data.extra_missing_rate": [0.1, 0.2]}}, "not a config key"),
     ({"params": {"calibration": ["calmrl"]}}, "config section"),
     ({"params": {"train.lr": 3e-4}}, "must be a list"),
     ({"params": {"train.lr": {"loguniform": [1e-2, 1e-4]}}}, "low < high"),
