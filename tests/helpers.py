@@ -67,14 +67,19 @@ def run_distributed(fn: Callable, world: int, tmp_dir: str | Path, *args: Any, t
             p.join()
     if hung:
         raise TimeoutError(f"ranks {hung} did not finish within {timeout}s (a collective hang?)")
-    results = []
+    results, failures = [], []
     for r in range(world):
         path = Path(tmp_dir) / f"result_{r}.pkl"
         if not path.exists():
-            raise RuntimeError(f"rank {r} died without a result (exit code {procs[r].exitcode})")
+            code = procs[r].exitcode
+            how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+            failures.append(f"rank {r} died without a result ({how})")
+            continue
         status, value = pickle.loads(path.read_bytes())
         path.unlink()
         if status != "ok":
-            raise RuntimeError(f"rank {r} failed:\n{value}")
+            failures.append(f"rank {r} failed:\n{value}")
         results.append(value)
+    if failures:  # every rank's story: the one that died first explains the others' "connection reset"
+        raise RuntimeError("\n".join(failures))
     return results
