@@ -157,8 +157,7 @@ class Calibrator(torch.nn.Module):
         """
         present = self._check_present(present)
         groups = _pattern_groups(present)
-        centred = self._centred_features(self._observed_features(z, present), present)
-        return self._posterior(centred, groups)
+        return self._posterior(self._masked_features(z, present), present, groups)
 
     def posterior(self, z: Mapping[str, Tensor], present: Tensor) -> tuple[Tensor, Tensor]:
         """Posterior mean [N, k] and covariance [N, k, k] of the shared latent.
@@ -168,16 +167,20 @@ class Calibrator(torch.nn.Module):
         result = self.e_step(z, present)
         return result.mean, result.sample_cov()
 
-    def _posterior(self, centred: Tensor, groups: PatternGroups) -> Posterior:
+    def _posterior(self, features: list[Tensor], present: Tensor, groups: PatternGroups) -> Posterior:
         precision = self._pattern_precision(groups.patterns)
         # One batched Cholesky call factors every distinct pattern's precision.
         chol = torch.linalg.cholesky(precision)
-        rhs = self._precision_weighted_sum(centred)
-        pattern_cov = torch.cholesky_inverse(chol)
+        rhs = self._precision_weighted_sum(features, present)
+        # V_O = P_O^{-1} = L^-T L^-1: one batched triangular inverse and a product
+        # (half the time of cholesky_inverse for a handful of 64 x 64 factors on CPU).
+        chol_inv = torch.linalg.solve_triangular(chol, torch.eye(self.latent_dim, dtype=chol.dtype,
+                                                                  device=chol.device).expand_as(chol), upper=False)
+        pattern_cov = chol_inv.mT @ chol_inv
         # b_i = V_O rhs_i: every pattern's V applied to the whole batch is one
         # small batched product ([P, N, k], P <= 2^M - 1), then each sample takes
         # its own pattern's row. P_O = I + ... has eigenvalues >= 1, so V_O from
-        # the Cholesky inverse is as accurate as a per-pattern triangular solve,
+        # the triangular inverse is as accurate as a per-pattern triangular solve,
         # and there is no sort, loop or scatter over patterns.
         mean = torch.matmul(rhs.unsqueeze(0), pattern_cov)[groups.index, torch.arange(rhs.shape[0], device=rhs.device)]
         return Posterior(mean=mean, pattern_cov=pattern_cov, pattern_chol=chol, rhs=rhs, groups=groups)
@@ -188,18 +191,27 @@ class Calibrator(torch.nn.Module):
         eye = torch.eye(self.latent_dim, dtype=self.dtype, device=self.W.device)
         return eye + torch.einsum("pm,mkl->pkl", patterns.to(self.dtype), per_modality)
 
-    def _precision_weighted_sum(self, centred: Tensor) -> Tensor:
-        """sum_{m in O_i} W_m^T (z_i^m - mu_m) / sigma2_m per sample, [N, k]."""
-        # One batched product over modalities (a Python loop of small matmuls
-        # costs more in dispatch than in arithmetic at these sizes).
-        scaled_W = self.W / self.sigma2[:, None, None]
-        return torch.bmm(centred, scaled_W).sum(dim=0)
+    def _precision_weighted_sum(self, features: list[Tensor], present: Tensor) -> Tensor:
+        """sum_{m in O_i} W_m^T (z_i^m - mu_m) / sigma2_m per sample, [N, k].
 
-    def _observed_features(self, z: Mapping[str, Tensor], present: Tensor) -> Tensor:
-        """z^m in the internal dtype, stacked [M, N, d], exactly zero on rows where m is absent.
+        The features are not centred (that would be a pass over every [N, d]
+        tensor): sum_m z^m W_m / sigma2_m is accumulated in place, one product per
+        modality, and the means enter in k-space, sum_{m in O_i} mu_m^T W_m / sigma2_m.
+        """
+        scaled_W = self.W / self.sigma2[:, None, None]  # [M, d, k]
+        rhs = features[0] @ scaled_W[0]
+        for j in range(1, len(features)):
+            rhs = torch.addmm(rhs, features[j], scaled_W[j])
+        mean_term = torch.einsum("md,mdk->mk", self.mu, scaled_W)  # [M, k]
+        return rhs - present.to(self.dtype) @ mean_term
+
+    def _masked_features(self, z: Mapping[str, Tensor], present: Tensor) -> list[Tensor]:
+        """z^m in the internal dtype, one [N, d] tensor per modality, exactly zero on rows where m is absent.
 
         ``masked_fill`` rather than a multiply by the mask: absent rows may hold
         NaN, and NaN * 0 is NaN. A modality missing from ``z`` counts as absent.
+        One pass over each modality's features (they are the largest tensors
+        the calibrator touches): no stacking, no centring.
         """
         num_samples = present.shape[0]
         features = []
@@ -212,12 +224,8 @@ class Calibrator(torch.nn.Module):
             values = z[name]
             if values.shape != (num_samples, self.dim):
                 raise ValueError(f"z['{name}'] has shape {tuple(values.shape)}, expected ({num_samples}, {self.dim})")
-            features.append(values.to(self.dtype))
-        return torch.stack(features).masked_fill(~present.T.unsqueeze(-1), 0.0)
-
-    def _centred_features(self, observed_features: Tensor, present: Tensor) -> Tensor:
-        """z^m - mu_m on observed rows, zero on absent rows, [M, N, d]."""
-        return (observed_features - self.mu[:, None, :]).masked_fill(~present.T.unsqueeze(-1), 0.0)
+            features.append(values.to(self.dtype).masked_fill(~present[:, j:j + 1], 0.0))
+        return features
 
     def _check_present(self, present: Tensor) -> Tensor:
         if present.ndim != 2 or present.shape[1] != len(self.modalities):
@@ -242,20 +250,24 @@ class Calibrator(torch.nn.Module):
 
     def _complete(self, z: Mapping[str, Tensor], present: Tensor, result: Posterior,
                   normalize: bool | None) -> dict[str, Tensor]:
+        """Observed rows as given, missing rows W_m b_i + mu_m.
+
+        Only the missing rows are imputed (a product per modality over those rows,
+        not a dense [M, N, d] one of which the observed rows are thrown away);
+        ``index_put`` writes them into a copy of the features.
+        """
         normalize = self.normalize_imputed if normalize is None else normalize
         fallback_dtype = next(iter(z.values())).dtype if z else self.dtype
-        # W_m b_i + mu_m for every modality at once: [M, N, d]
-        all_imputed = torch.matmul(result.mean.unsqueeze(0), self.W.transpose(1, 2)) + self.mu[:, None, :]
-        if normalize:
-            all_imputed = F.normalize(all_imputed, dim=-1)
         completed = {}
         for j, name in enumerate(self.modalities):
-            imputed = all_imputed[j]
-            observed = present[:, j].unsqueeze(1)
+            rows = (~present[:, j]).nonzero().squeeze(1)
+            imputed = torch.addmm(self.mu[j], result.mean.index_select(0, rows), self.W[j].T)
+            if normalize:
+                imputed = F.normalize(imputed, dim=-1)
             if name in z:
                 features = z[name]
-                completed[name] = torch.where(observed, features, imputed.to(features.dtype))
-            else:
+                completed[name] = features.index_put((rows,), imputed.to(features.dtype))
+            else:  # every row is missing
                 completed[name] = imputed.to(fallback_dtype)
         return completed
 
@@ -291,12 +303,15 @@ class Calibrator(torch.nn.Module):
         """
         present = self._check_present(present)
         groups = _pattern_groups(present)
-        centred = self._centred_features(self._observed_features(z, present), present)
-        result = self._posterior(centred, groups)
+        features = self._masked_features(z, present)
+        result = self._posterior(features, present, groups)
 
-        scaled_sq_norm = torch.stack(
-            [residual.square().sum(dim=1) / self.sigma2[j] for j, residual in enumerate(centred)]
-        ).sum(dim=0)
+        # |z^m - mu_m|^2 = |z^m|^2 - 2 mu_m . z^m + |mu_m|^2 on the rows where m is observed
+        mask = present.to(self.dtype)
+        scaled_sq_norm = sum(
+            (x.square().sum(dim=1) - 2.0 * (x @ self.mu[j]) + mask[:, j] * self.mu[j].square().sum()) / self.sigma2[j]
+            for j, x in enumerate(features)
+        )
         quad = scaled_sq_norm - (result.rhs * result.mean).sum(dim=1)
 
         patterns = groups.patterns.to(self.dtype)
@@ -323,14 +338,13 @@ class Calibrator(torch.nn.Module):
         present = self._check_present(present)
         detached = {name: features.detach() for name, features in z.items()}
         groups = _pattern_groups(present)
-        observed_features = self._observed_features(detached, present)
-        centred = self._centred_features(observed_features, present)
-        self._fold_statistics(observed_features, present, self._posterior(centred, groups), decay)
+        features = self._masked_features(detached, present)
+        self._fold_statistics(features, present, self._posterior(features, present, groups), decay)
 
-    def _fold_statistics(self, observed_features: Tensor, present: Tensor, result: Posterior,
+    def _fold_statistics(self, features: list[Tensor], present: Tensor, result: Posterior,
                          decay: float | None) -> None:
         decay = self.decay if decay is None else decay
-        batch = self._batch_statistics(observed_features, present, result)
+        batch = self._batch_statistics(features, present, result)
         batch = self._all_reduce_statistics(batch)
         for name, value in batch.items():
             running = getattr(self, name)
@@ -347,38 +361,34 @@ class Calibrator(torch.nn.Module):
         """
         present = self._check_present(present)
         groups = _pattern_groups(present)
-        observed_features = self._observed_features(z, present)
-        result = self._posterior(self._centred_features(observed_features, present), groups)
+        features = self._masked_features(z, present)
+        result = self._posterior(features, present, groups)
         with torch.no_grad():
             detached = Posterior(mean=result.mean.detach(), pattern_cov=result.pattern_cov,
                                  pattern_chol=result.pattern_chol, rhs=result.rhs.detach(), groups=groups)
-            self._fold_statistics(observed_features.detach(), present, detached, None)
+            self._fold_statistics([x.detach() for x in features], present, detached, None)
         return self._complete(z, present, result, normalize)
 
-    def _batch_statistics(
-        self, observed_features: Tensor, present: Tensor, result: Posterior
-    ) -> dict[str, Tensor]:
+    def _batch_statistics(self, features: list[Tensor], present: Tensor, result: Posterior) -> dict[str, Tensor]:
         """Counts, sum z bt^T, sum St and sum |z|^2 of this batch, per modality."""
         k = self.latent_dim
         ones = torch.ones(present.shape[0], 1, dtype=self.dtype, device=self.W.device)
         bt = torch.cat([result.mean, ones], dim=1)  # [N, k+1]
-        mask = present.T.unsqueeze(-1).to(self.dtype)  # [M, N, 1]
-        observed_bt = bt.unsqueeze(0) * mask  # [M, N, k+1], zero where m is absent
-        features = observed_features  # [M, N, d], zero on absent rows
+        mask = present.T.to(self.dtype)  # [M, N]
+        observed_bt = bt.unsqueeze(0) * mask.unsqueeze(-1)  # [M, N, k+1], zero where m is absent
+        n_obs = mask.sum(dim=1)
         # sum_i V_i over the samples with m observed: V depends only on the pattern.
         samples_per_pattern = result.groups.counts.to(self.dtype)[None, :] * result.groups.patterns.T.to(self.dtype)
         sum_St = observed_bt.transpose(1, 2) @ observed_bt  # [M, k+1, k+1]
         sum_St[:, :k, :k] += torch.einsum("mp,pkl->mkl", samples_per_pattern, result.pattern_cov)
-        return {
-            "n_obs": present.sum(dim=0).to(self.dtype),
-            "sum_z_bt": features.transpose(1, 2) @ observed_bt,  # [M, d, k+1]
-            "sum_St": sum_St,
-            "sum_zsq": torch.linalg.vector_norm(features, dim=(1, 2)).square(),
-        }
+        # z^m is zero on absent rows, so bt needs no mask here: (bt^T z^m)^T per modality.
+        sum_z_bt = torch.stack([bt.T @ x for x in features]).transpose(1, 2)  # [M, d, k+1]
+        sum_zsq = torch.stack([torch.linalg.vector_norm(x).square() for x in features])
+        return {"n_obs": n_obs, "sum_z_bt": sum_z_bt, "sum_St": sum_St, "sum_zsq": sum_zsq}
 
     def _all_reduce_statistics(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """Sum the batch statistics over ranks with one all-reduce on one flat buffer."""
-        if not (dist.is_available() and dist.is_initialized()):
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(self.process_group) == 1:
             return batch
         flat = torch.cat([value.reshape(-1) for value in batch.values()])
         dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.process_group)
@@ -392,22 +402,38 @@ class Calibrator(torch.nn.Module):
         With A = sum St, B = sum z bt^T, Wt = [W, mu]:
             Wt     = B A^{-1}
             sigma2 = (sum |z|^2 - 2 tr(Wt^T B) + tr(Wt^T Wt A)) / (d n)
+                   = (sum |z|^2 - tr(Wt^T B)) / (d n)             (Wt A = B)
         A modality never observed (zero count) keeps its parameters.
         """
         k = self.latent_dim
-        for j in range(len(self.modalities)):
-            count = self.n_obs[j]
-            if count <= 0:
-                continue
-            A, B = self.sum_St[j], self.sum_z_bt[j]
-            # A is symmetric, so B A^{-1} = (A^{-1} B^T)^T: a solve, no inverse.
-            Wt = torch.linalg.solve(A, B.T).T
-            cross = (Wt * B).sum()
-            quadratic = ((Wt @ A) * Wt).sum()
-            sigma2 = (self.sum_zsq[j] - 2.0 * cross + quadratic) / (self.dim * count)
-            self.W[j] = Wt[:, :k]
-            self.mu[j] = Wt[:, k]
-            self.sigma2[j] = sigma2.clamp_min(self.sigma2_floor)
+        observed = self.n_obs > 0
+        if not bool(observed.any()):
+            return
+        # All modalities at once; a never-observed one (A may be all zeros) uses I and
+        # keeps its parameters. A = sum St is positive definite once n > 0 (V_O is), so
+        # A^{-1} = L^-T L^-1 from its Cholesky factor (faster here than an LU solve with
+        # d right-hand sides); an LU solve is the fallback should the factorisation fail.
+        eye = torch.eye(k + 1, dtype=self.dtype, device=self.W.device)
+        A = torch.where(observed[:, None, None], self.sum_St, eye)
+        B = self.sum_z_bt  # [M, d, k+1]
+        chol, info = torch.linalg.cholesky_ex(A)
+        if bool((info == 0).all()):
+            chol_inv = torch.linalg.solve_triangular(chol, eye.expand_as(chol), upper=False)
+            Wt = B @ (chol_inv.mT @ chol_inv)
+        else:  # A is symmetric, so B A^{-1} = (A^{-1} B^T)^T
+            Wt = torch.linalg.solve(A, B.transpose(1, 2)).transpose(1, 2)
+        # tr(Wt^T Wt A) = tr(Wt^T B) since Wt A = B: sigma2 = (sum |z|^2 - tr(Wt^T B)) / (d n)
+        cross = torch.linalg.vecdot(Wt.flatten(1), B.flatten(1))
+        sigma2 = ((self.sum_zsq - cross) / (self.dim * self.n_obs.clamp_min(1e-12))).clamp_min(self.sigma2_floor)
+        if bool(observed.all()):
+            self.W.copy_(Wt[:, :, :k])
+            self.mu.copy_(Wt[:, :, k])
+            self.sigma2.copy_(sigma2)
+        else:
+            rows = observed.nonzero().squeeze(1)
+            self.W[rows] = Wt[rows, :, :k]
+            self.mu[rows] = Wt[rows, :, k]
+            self.sigma2[rows] = sigma2[rows]
 
     @torch.no_grad()
     def reset_statistics(self) -> None:
