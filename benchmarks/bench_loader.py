@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tarfile
 import time
@@ -78,7 +79,8 @@ def loader_rate(cfg: DataConfig, limit: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("splits", nargs="+")
-    parser.add_argument("--samples", type=int, default=1500)
+    parser.add_argument("--samples", type=int, default=3000)
+    parser.add_argument("--repeats", type=int, default=3, help="median of this many measurements")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--image-size", type=int, default=32)
     args = parser.parse_args()
@@ -88,11 +90,11 @@ def main() -> None:
     for split in args.splits:
         base = DataConfig(shards=split, batch_size=args.batch, shuffle_buffer=256, image_size=args.image_size)
         bare_limit(base, 64)  # warm-up: first calls into librosa/numpy FFT plans and PIL plugins
-        bare = bare_limit(base, args.samples)
+        bare = statistics.median(bare_limit(base, args.samples) for _ in range(args.repeats))
         print(f"{split}: bare limit {bare:8.1f} samples/s (one process, tarfile + decoders)")
         for workers in (1, 2):
             cfg = DataConfig(**{**base.__dict__, "num_workers": workers})
-            rate = loader_rate(cfg, args.samples)
+            rate = statistics.median(loader_rate(cfg, args.samples) for _ in range(args.repeats))
             print(f"  loader, {workers} worker(s): {rate:8.1f} samples/s = {rate / bare:.2f}x bare, "
                   f"{rate / workers / bare:.2f}x per worker")
     print("goal: >= 0.90x the bare limit per worker")

@@ -4,12 +4,18 @@ A shard is written to `NAME.tar.tmp` and renamed to `NAME.tar` only once it is
 complete, so a crash never leaves a half-written shard under its final name.
 The index (`index.json`) is written last, the same way: a split folder with an
 index is a complete split.
+
+Every member gets the same whole-second mtime (`SOURCE_DATE_EPOCH` when set,
+else the build's start): a fractional mtime makes tarfile add a PAX header to
+each member, which doubles the headers every reader parses, and a fixed one
+makes rebuilt shards byte-identical.
 """
 from __future__ import annotations
 
 import io
 import json
 import os
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,6 +70,7 @@ class ShardSetWriter:
         self._stream: io.BufferedWriter | None = None
         self._count = 0
         self.index: dict[str, Any] | None = None  # set by close()
+        self._mtime = int(os.environ.get("SOURCE_DATE_EPOCH") or time.time())
 
     def __enter__(self) -> "ShardSetWriter":
         return self
@@ -80,7 +87,7 @@ class ShardSetWriter:
     def _open(self) -> None:
         path = self._shard_path(len(self._shards))
         self._stream = open(path.with_name(path.name + ".tmp"), "wb")
-        self._writer = wds.TarWriter(self._stream)
+        self._writer = wds.TarWriter(self._stream, mtime=self._mtime)
         self._count = 0
 
     def _finish(self) -> None:

@@ -39,6 +39,24 @@ def test_index_counts_match_shards(synthetic_dir):
     assert not list((synthetic_dir / "train").glob("*.tmp"))
 
 
+def test_shards_have_plain_headers_and_rebuild_byte_identical(tmp_path, monkeypatch):
+    """Whole-second mtimes: no PAX header per member (half the headers to parse),
+    and with SOURCE_DATE_EPOCH the same samples give the same bytes."""
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    samples = [{"__key__": f"s{i:03d}", "txt": f"caption {i}".encode(), "json": {"modalities": ["text"]}}
+               for i in range(12)]
+    shards = []
+    for name in ("a", "b"):
+        with ShardSetWriter(tmp_path / name, shard_size=5) as writer:
+            for sample in samples:
+                writer.write(dict(sample))
+        shards.append(sorted((tmp_path / name).glob("*.tar")))
+    assert [p.read_bytes() for p in shards[0]] == [p.read_bytes() for p in shards[1]]
+    with tarfile.open(shards[0][0]) as tar:
+        members = tar.getmembers()
+    assert members and all(m.mtime == 1700000000 and not m.pax_headers for m in members)
+
+
 def test_failed_write_leaves_no_shard(tmp_path):
     with pytest.raises(RuntimeError):
         with ShardSetWriter(tmp_path, shard_size=10) as writer:
