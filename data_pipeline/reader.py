@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.multiprocessing
 import webdataset as wds
@@ -47,9 +48,10 @@ from data_pipeline.decode import (
     TEXT_EXTENSIONS,
     AudioFormat,
     DecodeError,
-    decode_audio,
     decode_image,
     decode_text,
+    decode_waveform,
+    log_mel_batch,
 )
 from data_pipeline.missing import keep_mask
 from data_pipeline.shards import read_index
@@ -186,8 +188,8 @@ class SampleDecoder:
             if text is not None:  # id lists: `collate` makes one tensor of the batch's
                 enc = self.tokenizer.encode(decode_text(text))
                 out["text"], out["text_mask"] = enc.ids, enc.attention_mask
-            if audio is not None:
-                out["audio"] = decode_audio(audio, self.audio)
+            if audio is not None:  # the waveform: `collate` computes the batch's log-mels in one call
+                out["audio"] = decode_waveform(audio, self.audio)
             out["present"] = [m in out for m in MODALITIES]
             out["label"] = int(meta.get("label", -1))
             return out
@@ -204,8 +206,9 @@ def collate(samples: list[dict[str, Any]], cfg: DataConfig, audio: AudioFormat, 
     for i, s in enumerate(samples):
         if "image" in s:
             image[i] = s["image"]
-        if "audio" in s:
-            spectrogram[i] = s["audio"]
+    with_audio = [i for i, s in enumerate(samples) if "audio" in s]
+    if with_audio:
+        spectrogram[with_audio] = log_mel_batch(np.stack([samples[i]["audio"] for i in with_audio]), audio)
     return {
         "image": image,
         "text": torch.tensor([s.get("text", no_text) if s else no_text for s in rows], dtype=torch.long),
@@ -217,18 +220,20 @@ def collate(samples: list[dict[str, Any]], cfg: DataConfig, audio: AudioFormat, 
     }
 
 
-# Fields that cross from a DataLoader worker to the main process as numpy arrays,
-# pickled inline: a tensor crosses through a shared-memory file of its own, which
-# for these few-KB fields costs more than the bytes (image and audio stay tensors).
-_INLINE_FIELDS = ("text", "text_mask", "present", "label", "_position")
+# A DataLoader worker hands a tensor to the main process through a shared-memory
+# file of its own (a few hundred microseconds each, whatever the size); a numpy
+# array is pickled inline through the worker's pipe, which is cheaper up to about
+# a megabyte. Small batch fields therefore travel as numpy, large ones as tensors.
+_INLINE_MAX_BYTES = 1 << 20
 
 
 def _to_wire(batch: dict[str, Any]) -> dict[str, Any]:
-    return {k: v.numpy() if k in _INLINE_FIELDS else v for k, v in batch.items()}
+    return {k: v.numpy() if isinstance(v, torch.Tensor) and v.nbytes <= _INLINE_MAX_BYTES else v
+            for k, v in batch.items()}
 
 
 def _from_wire(batch: dict[str, Any]) -> dict[str, Any]:
-    return {k: torch.from_numpy(v) if k in _INLINE_FIELDS else v for k, v in batch.items()}
+    return {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in batch.items()}
 
 
 def _as_is(batch: dict[str, Any]) -> dict[str, Any]:
