@@ -9,12 +9,18 @@ Every member gets the same whole-second mtime (`SOURCE_DATE_EPOCH` when set,
 else the build's start): a fractional mtime makes tarfile add a PAX header to
 each member, which doubles the headers every reader parses, and a fixed one
 makes rebuilt shards byte-identical.
+
+Next to each shard, `NAME.layout.json` records where every member of every
+sample lies in it (`tar_layout`), found with tarfile once the shard is
+complete. Local readers seek with it instead of parsing every tar header
+again (data_pipeline/reader.py); a shard without one is read by its headers.
 """
 from __future__ import annotations
 
 import io
 import json
 import os
+import tarfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -22,10 +28,39 @@ from pathlib import Path
 from typing import Any
 
 import webdataset as wds
+from webdataset.tariterators import base_plus_ext, group_by_keys
 
 from pretrain.config import MODALITIES
 
 INDEX_NAME = "index.json"
+LAYOUT_FORMAT = "calmrl-tar-layout/1"
+TAR_BLOCK = 512  # a ustar header is one block, right before its member's data
+
+
+def layout_name(shard_name: str) -> str:
+    return shard_name.removesuffix(".tar") + ".layout.json"
+
+
+def tar_layout(path: str | Path) -> dict[str, Any] | None:
+    """Where the members of each sample lie in a complete shard:
+    `{"format", "bytes", "samples": [[key, [[ext, data_offset, size], ...]], ...]}`.
+
+    Samples are grouped by webdataset's own `group_by_keys`, as the stream
+    reader groups them. None when a reader could not check a member by the
+    name in the header block right before its data: a member behind a PAX or
+    long-name header, a name of 100 bytes or more, or an upper-case extension
+    (webdataset lower-cases it), or anything but regular files."""
+    entries: list[dict[str, Any]] = []
+    with tarfile.open(path) as tar:
+        for member in tar:
+            _, ext = base_plus_ext(member.name)
+            if (not member.isreg() or member.offset_data != member.offset + TAR_BLOCK
+                    or len(member.name.encode()) >= 100 or ext is None or ext != ext.lower()):
+                return None
+            entries.append({"fname": member.name, "data": (member.offset_data, member.size), "__url__": ""})
+    samples = [[s["__key__"], [[ext, *s[ext]] for ext in s if not ext.startswith("__")]]
+               for s in group_by_keys(iter(entries))]
+    return {"format": LAYOUT_FORMAT, "bytes": os.path.getsize(path), "samples": samples}
 
 
 def pattern_name(present: list[str] | tuple[str, ...]) -> str:
@@ -94,8 +129,14 @@ class ShardSetWriter:
         assert self._writer is not None and self._stream is not None
         self._writer.close()  # closes the stream too
         path = self._shard_path(len(self._shards))
-        os.replace(path.with_name(path.name + ".tmp"), path)
-        self._shards.append({"name": path.name, "count": self._count})
+        tmp = path.with_name(path.name + ".tmp")
+        entry: dict[str, Any] = {"name": path.name, "count": self._count}
+        layout = tar_layout(tmp)
+        if layout is not None:
+            entry["layout"] = layout_name(path.name)
+            atomic_write_bytes(self.out_dir / entry["layout"], json.dumps(layout, separators=(",", ":")).encode())
+        os.replace(tmp, path)
+        self._shards.append(entry)
         self._writer = self._stream = None
 
     def _abort(self) -> None:

@@ -158,3 +158,28 @@ def test_shard_cut_at_a_member_boundary_is_noticed(synthetic_dir, tmp_path, capl
         keys = [k for b in iterate_split(cfg_for(split), split, 50, bad) for k in b["key"] if k]
     assert 0 < len(keys) < 100 and bad.count == 1
     assert f"ends after {len(keys)} of 100 samples" in caplog.text
+    # its size no longer fits its layout: it was read by its tar headers, and said so
+    assert f"reading shard {shard} by its tar headers" in caplog.text and "does not fit" in caplog.text
+
+
+def test_shard_changed_after_build_is_noticed_by_its_layout(synthetic_dir, tmp_path, caplog):
+    """Same size, other bytes: a member whose header is not where the layout
+    says ends the shard (counted, logged with the fix); nothing is substituted."""
+    split = tmp_path / "train"
+    shutil.copytree(synthetic_dir / "val", split)
+    shutil.copy(synthetic_dir / "tokenizer.json", tmp_path / "tokenizer.json")
+    shard = split / "shard-000000.tar"
+    layout = json.loads((split / "shard-000000.layout.json").read_text())
+    key, members = layout["samples"][60]
+    ext, offset, _ = members[0]
+    data = bytearray(shard.read_bytes())
+    name = f"{key}.{ext}".encode()
+    assert data[offset - 512 : offset - 512 + len(name)] == name
+    data[offset - 512 : offset - 512 + len(name)] = f"{key[:-1]}X.{ext}".encode()  # another member's name
+    shard.write_bytes(bytes(data))
+    bad = BadInputLog()
+    with caplog.at_level(logging.WARNING, logger="calmrl.data"):
+        keys = [k for b in iterate_split(cfg_for(split), split, 50, bad) for k in b["key"] if k]
+    assert keys == [k for k, _ in layout["samples"][:60]] and bad.count == 1
+    assert f"member {key}.{ext} is not at byte {offset} as its layout says" in caplog.text
+    assert "rebuild the split" in caplog.text

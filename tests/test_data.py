@@ -12,7 +12,16 @@ import torch
 import webdataset as wds
 
 from data_pipeline.decode import AudioFormat, decode_audio
-from data_pipeline.reader import BatchLoader, DataError, LoaderState, ShardStream, iterate_split
+from data_pipeline.reader import (
+    BadInputLog,
+    BatchLoader,
+    DataError,
+    LoaderState,
+    ShardStream,
+    iterate_split,
+    open_split,
+    raw_samples,
+)
 from data_pipeline.shards import ShardSetWriter, read_index
 from pretrain.config import MODALITIES, DataConfig
 
@@ -58,13 +67,28 @@ def test_shards_have_plain_headers_and_rebuild_byte_identical(tmp_path, monkeypa
     assert members and all(m.mtime == 1700000000 and not m.pax_headers for m in members)
 
 
+def test_reading_by_layout_gives_the_samples_of_the_tar_headers(synthetic_dir):
+    """Every shard gets a layout, and seeking by it yields the very samples,
+    bytes for bytes, that webdataset's grouping of the tar headers yields."""
+    split = open_split(synthetic_dir / "train")
+    assert set(split.layout_of) == set(split.shards)
+    for url, layout_url in split.layout_of.items():
+        assert Path(layout_url).exists() and json.loads(Path(layout_url).read_text())["bytes"] == Path(url).stat().st_size
+    by_layout, by_headers = BadInputLog(), BadInputLog()
+    seeking = list(raw_samples(split.shards, by_layout, split.count_of, split.layout_of))
+    headers = list(raw_samples(split.shards, by_headers, split.count_of))
+    assert len(seeking) == 800 and by_layout.count == by_headers.count == 0
+    assert seeking == headers
+    assert [s["__key__"] for s in seeking] == [s["__key__"] for s in wds.WebDataset(split.shards, shardshuffle=False)]
+
+
 def test_failed_write_leaves_no_shard(tmp_path):
     with pytest.raises(RuntimeError):
         with ShardSetWriter(tmp_path, shard_size=10) as writer:
             writer.write({"__key__": "a", "txt": b"hello", "json": {"modalities": ["text"]}})
             raise RuntimeError("crash while writing")
     assert not list(tmp_path.glob("*.tar")) and not list(tmp_path.glob("*.tmp"))
-    assert not (tmp_path / "index.json").exists()
+    assert not list(tmp_path.glob("*.layout.json")) and not (tmp_path / "index.json").exists()
 
 
 def test_batch_contract(synthetic_dir):
