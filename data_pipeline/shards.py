@@ -135,6 +135,8 @@ class ShardSetWriter:
         if layout is not None:
             entry["layout"] = layout_name(path.name)
             atomic_write_bytes(self.out_dir / entry["layout"], json.dumps(layout, separators=(",", ":")).encode())
+        else:  # the shard is read by its headers; a layout left by an earlier build must not linger
+            (self.out_dir / layout_name(path.name)).unlink(missing_ok=True)
         os.replace(tmp, path)
         self._shards.append(entry)
         self._writer = self._stream = None

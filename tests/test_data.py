@@ -82,6 +82,23 @@ def test_reading_by_layout_gives_the_samples_of_the_tar_headers(synthetic_dir):
     assert [s["__key__"] for s in seeking] == [s["__key__"] for s in wds.WebDataset(split.shards, shardshuffle=False)]
 
 
+def test_shard_with_long_names_gets_no_layout_and_reads_by_headers(tmp_path):
+    """A member name of 100+ bytes sits behind a PAX header, where a reader
+    seeking by layout could not check it: that shard is written without one."""
+    long_key = "k" * 120
+    with ShardSetWriter(tmp_path, shard_size=2) as writer:
+        for key in ("a", "b", long_key, "c"):
+            writer.write({"__key__": key, "txt": f"caption {key}".encode(), "json": {"modalities": ["text"]}})
+    shards = read_index(tmp_path)["shards"]
+    assert [s.get("layout") for s in shards] == ["shard-000000.layout.json", None]
+    assert sorted(p.name for p in tmp_path.glob("*.layout.json")) == ["shard-000000.layout.json"]
+    urls = [str(tmp_path / s["name"]) for s in shards]
+    layouts = {urls[0]: str(tmp_path / "shard-000000.layout.json")}
+    bad = BadInputLog()
+    assert [s["__key__"] for s in raw_samples(urls, bad, None, layouts)] == ["a", "b", long_key, "c"]
+    assert bad.count == 0
+
+
 def test_failed_write_leaves_no_shard(tmp_path):
     with pytest.raises(RuntimeError):
         with ShardSetWriter(tmp_path, shard_size=10) as writer:
