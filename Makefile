@@ -9,7 +9,7 @@ DEMO_RUN ?= runs/demo
 # DeepSpeed compiles its CPU comm op once; keep the build with the checkout.
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
-.PHONY: install system-deps demo test data clean
+.PHONY: install system-deps demo test lint format data clean
 
 # torch is pinned to the CPU build this machine ships (see README for GPUs);
 # DS_BUILD_OPS=0 makes DeepSpeed a pure-Python install (ops JIT-compile on use).
@@ -40,7 +40,17 @@ demo: data
 system-deps:
 	bash scripts/install_system_deps.sh
 
-test: $(BIN)/.installed system-deps
+# Lint (ruff), formatting (ruff format) and types (mypy) over the whole tree.
+lint: $(BIN)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+format: $(BIN)/.installed
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+test: $(BIN)/.installed system-deps lint
 	$(BIN)/python -m pytest
 
 clean:

@@ -1,4 +1,4 @@
-"""The calibrator's share of a real training step (issue 3 goal: <= 5%).
+"""The calibrator's share of a real training step (goal: <= 5%).
 
 Runs the DeepSpeed trainer in one process on the tiny CPU preset with
 B=256 per rank, embed dim 512, latent 64 (CalMRL imputing from step 0), on
@@ -12,20 +12,14 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import os
 import statistics
-import sys
 import tempfile
-from pathlib import Path
 
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
-
-from data_pipeline.reader import BatchLoader  # noqa: E402
-from pretrain.config import load_config  # noqa: E402
-from pretrain.trainer import Trainer  # noqa: E402
+from data_pipeline.reader import BatchLoader
+from pretrain.config import load_config
+from pretrain.runtime import REPO_ROOT as REPO
+from pretrain.runtime import configure_runtime
+from pretrain.trainer import build_trainer
 
 
 def run(method: str, args, batches) -> tuple[float, float]:
@@ -35,13 +29,14 @@ def run(method: str, args, batches) -> tuple[float, float]:
         "--train.warmup_steps=1", "--train.grad_accum=1", f"--train.log_every={10**6}", *([f"--data.shards={args.data}"] if args.data else []),
     ])
     cfg.train.out_dir = tempfile.mkdtemp(prefix="bench_share_")
-    trainer = Trainer(cfg, batches=itertools.cycle(batches))
+    trainer = build_trainer(cfg, batches=itertools.cycle(batches))
     trainer.batches = trainer._external_batches
     stats = [trainer.train_step() for _ in range(args.steps + 2)][2:]
     return statistics.median(s.step_time_s for s in stats), statistics.median(s.completion_time_s for s in stats)
 
 
 def main() -> None:
+    configure_runtime()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(REPO / "configs/tiny_cpu.yaml"))
     parser.add_argument("--data", default=None)

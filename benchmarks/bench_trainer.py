@@ -5,36 +5,34 @@ fed by the real shard loader (data-wait share).
 
     python benchmarks/bench_trainer.py [--config configs/tiny_cpu.yaml] [--steps 30] [--rounds 3]
 
-Goal (issue 2): trainer step time / bare step time <= 1.15.
+Goal: trainer step time / bare step time <= 1.15.
 """
 from __future__ import annotations
 
 import argparse
 import itertools
-import os
 import statistics
-import sys
 import tempfile
 import time
-from pathlib import Path
 
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
+import torch
 
-import torch  # noqa: E402
-
-from data_pipeline.reader import BatchLoader  # noqa: E402
-from pretrain.config import MODALITIES, load_config  # noqa: E402
-from pretrain.losses import OBJECTIVES  # noqa: E402
-from pretrain.trainer import Trainer, build_model, build_optimizer, vocab_size_of  # noqa: E402
+from data_pipeline.contract import MODALITIES
+from data_pipeline.reader import BatchLoader
+from data_pipeline.split import vocab_size
+from pretrain.config import load_config
+from pretrain.engine import build_optimizer
+from pretrain.losses import create_objective
+from pretrain.model import build_model
+from pretrain.runtime import REPO_ROOT as REPO
+from pretrain.runtime import configure_runtime
+from pretrain.trainer import Trainer, build_trainer
 
 
 def bare_loop_times(cfg, batches, steps: int, warmup: int) -> list[float]:
-    model = build_model(cfg, vocab_size_of(cfg))
+    model = build_model(cfg, vocab_size(cfg.data))
     opt = build_optimizer(model, cfg)
-    objective = OBJECTIVES[cfg.loss.objective]
+    objective = create_objective(cfg.loss)
     times = []
     for i, batch in enumerate(itertools.islice(itertools.cycle(batches), steps + warmup)):
         t0 = time.perf_counter()
@@ -60,6 +58,7 @@ def trainer_times(trainer: Trainer, steps: int, warmup: int) -> tuple[list[float
 
 
 def main() -> None:
+    configure_runtime()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(REPO / "configs/tiny_cpu.yaml"))
     parser.add_argument("--data", default=None, help="train split folder (default: the config's)")
@@ -82,10 +81,10 @@ def main() -> None:
     loader = BatchLoader(cfg.data, 0, 1)
     batches = [next(loader) for _ in range(8)]
 
-    trainer = Trainer(cfg, batches=itertools.cycle(batches))
+    trainer = build_trainer(cfg, batches=itertools.cycle(batches))
     trainer.batches = trainer._external_batches
     bare, ds = [], []
-    for r in range(args.rounds):  # interleave to spread machine noise over both
+    for _ in range(args.rounds):  # interleave to spread machine noise over both
         bare += bare_loop_times(cfg, batches, args.steps, args.warmup)
         ds += trainer_times(trainer, args.steps, args.warmup)[0]
     trainer.batches = BatchLoader(cfg.data, 0, 1)

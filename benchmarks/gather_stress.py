@@ -17,14 +17,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import sys
 import time
 import warnings
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from pretrain.runtime import free_port
 
 
 def worker(rank: int, impl: str, steps: int, port: int) -> None:
@@ -57,12 +54,6 @@ def worker(rank: int, impl: str, steps: int, port: int) -> None:
         dist.all_reduce(weight.grad)
         weight.grad = None
     dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main() -> int:

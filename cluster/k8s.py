@@ -52,6 +52,7 @@ from typing import Any
 import yaml
 
 from pretrain.config import Config, ConfigError, load_config
+from pretrain.runtime import threads_per_process
 
 CONFIG_DIR = "/etc/calmrl"
 CONFIG_PATH = f"{CONFIG_DIR}/config.yaml"
@@ -201,7 +202,7 @@ def _threads_per_proc(cpu: str, procs: int) -> int:
             cores = float(cpu)
         except ValueError:
             cores = 1.0
-    return max(1, int(cores) // procs)
+    return threads_per_process(procs, int(cores))
 
 
 def metrics_ports(opts: K8sOptions) -> list[dict[str, Any]]:
@@ -350,7 +351,7 @@ def render_training(cfg: Config, opts: K8sOptions) -> list[dict[str, Any]]:
 
 
 def render_sweep(cfg: Config, opts: K8sOptions, sweep_path: str | Path) -> list[dict[str, Any]]:
-    from cluster.sweep import load_sweep
+    from cluster.sweep.config import load_sweep
 
     load_sweep(sweep_path, check_params=False)  # fail here on a malformed sweep file
     sweep_tree = yaml.safe_load(Path(sweep_path).read_text())
@@ -433,11 +434,11 @@ def cmd_launch_k8s(args: argparse.Namespace, overrides: list[str]) -> int:
         print(f"calmrl: note: {note}", file=sys.stderr)
     text = to_yaml_stream(objects)
     if args.out:
-        from data_pipeline.shards import atomic_write_bytes
+        from data_pipeline.atomic import atomic_write
 
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(out, text.encode())
+        atomic_write(out, text)
         kinds = ", ".join(f"{o['kind']}/{o['metadata']['name']}" for o in objects)
         print(f"wrote {out}: {kinds} (apply with: kubectl apply -f {out})", file=sys.stderr)
     else:

@@ -5,7 +5,7 @@ import os
 import subprocess
 import sys
 
-from pretrain.trainer import free_port
+from pretrain.runtime import free_port, threads_per_process
 
 
 def torchrun_command(nproc: int, train_args: list[str], port: int | None = None) -> list[str]:
@@ -14,11 +14,11 @@ def torchrun_command(nproc: int, train_args: list[str], port: int | None = None)
         sys.executable, "-m", "torch.distributed.run",
         "--nnodes=1", f"--nproc-per-node={nproc}",
         "--master-addr=127.0.0.1", f"--master-port={port or free_port()}",
-        "-m", "pretrain.cli", "train", *train_args,
+        "-m", "cluster.cli", "train", *train_args,
     ]
 
 
 def launch_local(nproc: int, train_args: list[str]) -> int:
     env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    env.setdefault("OMP_NUM_THREADS", str(threads_per_process(nproc)))
     return subprocess.call(torchrun_command(nproc, train_args), env=env)

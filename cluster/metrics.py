@@ -1,10 +1,11 @@
-"""Prometheus endpoint of one training rank (DESIGN.md, "Observability").
+"""Prometheus endpoint of one training rank (docs/design.md, "Observability").
 
 Every rank serves its own `/metrics` at `metrics.port + local_rank` (or a free
 port when `metrics.port` is 0); every series carries a `rank` label, so one
 scrape job over all ranks' endpoints sees the whole run. The trainer calls
 `MetricsExporter.observe_step(record)` after every optimizer step with the
 record it logs (keys may be missing or None; such values are skipped).
+It is a trainer sink (`pretrain.sinks`): `on_step(result)` reads `result.record()`.
 
 Exported names (a contract: `cluster/grafana_dashboard.json` queries exactly
 these, and tests/test_metrics.py checks that every query returns data):
@@ -56,7 +57,11 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from pretrain.config import MODALITIES, MetricsConfig
+from data_pipeline.contract import MODALITIES
+
+# 10 ms (tiny CPU steps) to 60 s (a large GPU step with gradient accumulation).
+from pretrain.config import MetricsConfig
+from pretrain.step import StepResult
 
 # 10 ms (tiny CPU steps) to 60 s (a large GPU step with gradient accumulation).
 STEP_TIME_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0)
@@ -188,6 +193,10 @@ class MetricsExporter:
             self.present.labels(self.rank, m)
             self.imputed.labels(self.rank, m)
 
+    def on_step(self, result: StepResult) -> None:
+        """The trainer's sink hook: every step's result."""
+        self.observe_step(result.record())
+
     def observe_step(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
@@ -249,7 +258,7 @@ class MetricsExporter:
             self._thread.join(timeout=5)
             self._server, self._thread = None, None
 
-    def __enter__(self) -> "MetricsExporter":
+    def __enter__(self) -> MetricsExporter:
         return self
 
     def __exit__(self, *exc: Any) -> None:

@@ -12,7 +12,7 @@ script is rendered and written atomically to `<train.out_dir>/slurm/job.sbatch`:
   first node of the allocation (`scontrol show hostnames "$SLURM_JOB_NODELIST"
   | head -n1`), rendezvous id = the job id, port derived from the job id
   (or `--master-port`);
-- the ranks run `<this python> -m pretrain.cli train <absolute CONFIG>
+- the ranks run `<this python> -m cluster.cli train <absolute CONFIG>
   <overrides> --metrics.port=<the config's port>` in the submit directory
   (`#SBATCH --chdir`), so relative paths in the config mean what they meant
   here and the job uses this virtual environment;
@@ -33,9 +33,10 @@ import shlex
 import shutil
 import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from data_pipeline.atomic import atomic_write
 
 SCRIPT_NAME = "job.sbatch"
 MASTER_PORT_BASE = 15000  # rendezvous port = base + job id % span, unless --master-port
@@ -76,7 +77,7 @@ class SlurmJob:
         return self.nodes * self.nproc_per_node
 
     def train_args(self) -> list[str]:
-        """`pretrain.cli` arguments each rank runs: train CONFIG OVERRIDES --metrics.port=P [--resume TAG]."""
+        """`cluster.cli` arguments each rank runs: train CONFIG OVERRIDES --metrics.port=P [--resume TAG]."""
         kept = [o for o in self.overrides if not o.startswith("--metrics.port=")]
         args = ["train", str(self.config), *kept, f"--metrics.port={self.metrics_port}"]
         if self.resume:
@@ -114,7 +115,7 @@ def render_sbatch(job: SlurmJob, command_line: str | None = None) -> str:
                 '--nnodes "$SLURM_NNODES"', '--nproc-per-node "$NPROC_PER_NODE"',
                 "--rdzv-backend c10d", '--rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT"',
                 '--rdzv-id "$SLURM_JOB_ID"', "--max-restarts 0"]
-    train = ["-m", "pretrain.cli", *(_q(a) for a in job.train_args())]
+    train = ["-m", "cluster.cli", *(_q(a) for a in job.train_args())]
     mode = (f"{job.gpus_per_node} GPU(s) per node" if not cpu
             else f"CPU only, {job.nproc_per_node} process(es) per node")
     if command_line:
@@ -160,23 +161,6 @@ def render_sbatch(job: SlurmJob, command_line: str | None = None) -> str:
               "    " + " ".join(train),
               ""]
     return "\n".join(lines)
-
-
-def write_atomic(path: Path, text: str, mode: int = 0o755) -> Path:
-    """Write `text` to `path` through a temp file in the same folder and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def submit(script: Path, env: dict[str, str] | None = None) -> str:
@@ -304,7 +288,7 @@ def cmd_launch_slurm(args: argparse.Namespace, overrides: list[str]) -> int:
     command_line = (" ".join(_q(a) for a in ["calmrl", *sys.argv[1:]])
                     if sys.argv[1:3] == ["launch", "slurm"] else None)
     text = render_sbatch(job, command_line)
-    path = write_atomic(script_path(cfg), text)
+    path = atomic_write(script_path(cfg), text, mode=0o755)
     if args.dry_run:
         sys.stdout.write(text)
         sys.stdout.flush()

@@ -30,7 +30,8 @@ from typing import Any
 import webdataset as wds
 from webdataset.tariterators import base_plus_ext, group_by_keys
 
-from pretrain.config import MODALITIES
+from data_pipeline.atomic import atomic_write, atomic_write_json
+from data_pipeline.contract import MODALITIES, pattern_name
 
 INDEX_NAME = "index.json"
 LAYOUT_FORMAT = "calmrl-tar-layout/1"
@@ -63,24 +64,6 @@ def tar_layout(path: str | Path) -> dict[str, Any] | None:
     return {"format": LAYOUT_FORMAT, "bytes": os.path.getsize(path), "samples": samples}
 
 
-def pattern_name(present: list[str] | tuple[str, ...]) -> str:
-    """Canonical name of a missing pattern, e.g. 'image+text'."""
-    return "+".join(m for m in MODALITIES if m in present)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, json.dumps(obj, indent=2, sort_keys=True).encode())
-
-
 @dataclass
 class ShardSetWriter:
     """Writes samples into `out_dir/shard-NNNNNN.tar`, `shard_size` samples each.
@@ -107,7 +90,7 @@ class ShardSetWriter:
         self.index: dict[str, Any] | None = None  # set by close()
         self._mtime = int(os.environ.get("SOURCE_DATE_EPOCH") or time.time())
 
-    def __enter__(self) -> "ShardSetWriter":
+    def __enter__(self) -> ShardSetWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -121,7 +104,8 @@ class ShardSetWriter:
 
     def _open(self) -> None:
         path = self._shard_path(len(self._shards))
-        self._stream = open(path.with_name(path.name + ".tmp"), "wb")
+        # Open across many writes; closed by _finish (renamed into place) or _abort (removed).
+        self._stream = open(path.with_name(path.name + ".tmp"), "wb")  # noqa: SIM115
         self._writer = wds.TarWriter(self._stream, mtime=self._mtime)
         self._count = 0
 
@@ -134,7 +118,7 @@ class ShardSetWriter:
         layout = tar_layout(tmp)
         if layout is not None:
             entry["layout"] = layout_name(path.name)
-            atomic_write_bytes(self.out_dir / entry["layout"], json.dumps(layout, separators=(",", ":")).encode())
+            atomic_write(self.out_dir / entry["layout"], json.dumps(layout, separators=(",", ":")))
         else:  # the shard is read by its headers; a layout left by an earlier build must not linger
             (self.out_dir / layout_name(path.name)).unlink(missing_ok=True)
         os.replace(tmp, path)

@@ -35,7 +35,7 @@ def s3_endpoint() -> str | None:
     return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _s3(endpoint: str | None, pid: int) -> Any:
     """One S3FileSystem per endpoint and process (loader workers are new processes)."""
     import s3fs

@@ -18,9 +18,10 @@ import soundfile
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from data_pipeline.shards import ShardSetWriter, atomic_write_bytes
+from data_pipeline.atomic import atomic_write
+from data_pipeline.contract import MODALITIES
+from data_pipeline.shards import ShardSetWriter
 from data_pipeline.tokenizer import train_tokenizer
-from pretrain.config import MODALITIES
 
 SHAPES = ("circle", "square", "triangle", "cross")
 COLOURS = {
@@ -160,7 +161,7 @@ def build_synthetic(out_dir: str | Path, spec: SyntheticSpec, progress: bool = T
     # The tokenizer sees every caption the templates can make, not just the drawn ones.
     corpus = [t.format(shape=s, colour=c, size=z, position=p)
               for t in TEMPLATES for s in SHAPES for c in COLOURS for z in SIZES for p in POSITIONS]
-    atomic_write_bytes(out_dir / "tokenizer.json", train_tokenizer(corpus, spec.vocab_size).to_str().encode())
+    atomic_write(out_dir / "tokenizer.json", train_tokenizer(corpus, spec.vocab_size).to_str())
     indexes = {}
     start = 0
     bar = tqdm(total=spec.num_samples, desc="synthetic shards", disable=not progress, unit="sample")

@@ -1,34 +1,34 @@
-"""`calmrl eval`: on a split's embeddings from a checkpoint,
+"""`calmrl eval`'s measurements: on a split's embeddings from a checkpoint,
 - retrieval R@1/5/10 and median rank for every ordered pair of modalities on
   complete instances;
 - zero-shot classification where the index names classes;
 - anchor shift per missing pattern, without and with the run's calibrator;
-- imputation error of CalMRL against mean-fill and random-fill;
-written as JSON (machines), a Markdown table and a PNG (people)."""
+- imputation error of CalMRL against mean-fill and random-fill.
+`evals.report` writes them as JSON (machines), a Markdown table and a PNG (people)."""
 from __future__ import annotations
 
-import json
 from itertools import permutations
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from evals.anchor_shift import anchor_shift
-from data_pipeline.reader import open_split
-from evals.embed import embed_split, load_completion, load_run
+from data_pipeline.contract import MODALITIES
+from data_pipeline.split import open_split
+from evals.embed import embed_split
 from evals.imputation import imputation_error
-from evals.plots import plot_eval
 from evals.retrieval import retrieval_metrics
 from evals.zero_shot import class_embeddings, zero_shot_accuracy
+from pretrain.anchor_shift import anchor_shift
 from pretrain.calibration import Calibrator
-from pretrain.config import MODALITIES
+from pretrain.run_dir import RunDir
 
 
 def evaluate_run(run_dir: str | Path, split_dir: str | Path, tag: str = "latest") -> dict[str, Any]:
-    cfg, model, tag = load_run(run_dir, tag)
+    run = RunDir(run_dir)
+    cfg, model, tag = run.load_model(tag)
     data = embed_split(model, cfg, split_dir)
-    calibrator = load_completion(run_dir, tag).calibrator  # None unless the run used CalMRL
+    calibrator = run.load_completion(tag).calibrator  # None unless the run used CalMRL
     results: dict[str, Any] = {"run": str(run_dir), "checkpoint": tag, "split": str(split_dir),
                                **embedding_metrics(data["emb"], data["present"], calibrator)}
     split = open_split(split_dir, cfg.data.tokenizer)
@@ -59,36 +59,3 @@ def embedding_metrics(emb: dict[str, torch.Tensor], present: torch.Tensor,
     r1 = [v["R@1"] for v in results["retrieval"].values()]
     results["mean_R@1"] = sum(r1) / len(r1) if r1 else float("nan")
     return results
-
-
-def markdown_table(results: dict[str, Any]) -> str:
-    lines = ["| query -> key | R@1 | R@5 | R@10 | median rank |", "|---|---|---|---|---|"]
-    for pair, m in results["retrieval"].items():
-        lines.append(f"| {pair} | {m['R@1']:.3f} | {m['R@5']:.3f} | {m['R@10']:.3f} | {m['median_rank']:.0f} |")
-    if "anchor_shift" in results:
-        lines += ["", "| observed pattern | anchor shift, observed only | anchor shift, calibrated |", "|---|---|---|"]
-        for pattern, row in results["anchor_shift"].items():
-            cal = f"{row['calibrated']:.3f}" if "calibrated" in row else "-"
-            lines.append(f"| {pattern} | {row['observed_only']:.3f} | {cal} |")
-    if "imputation_error" in results:
-        methods = list(results["imputation_error"])
-        lines += ["", "| hidden modality | " + " | ".join(f"{m} cos / mse" for m in methods) + " |",
-                  "|---|" + "---|" * len(methods)]
-        for modality in results["imputation_error"][methods[0]]:
-            cells = [f"{results['imputation_error'][m][modality]['cosine']:.3f} / "
-                     f"{results['imputation_error'][m][modality]['mse']:.3f}" for m in methods]
-            lines.append(f"| {modality} | " + " | ".join(cells) + " |")
-    if results.get("zero_shot"):
-        lines += ["", "| zero-shot | top-1 | chance | n |", "|---|---|---|---|"]
-        for modality, row in results["zero_shot"].items():
-            lines.append(f"| {modality} | {row['top1']:.3f} | {row['chance']:.3f} | {row['n']} |")
-    return "\n".join(lines)
-
-
-def write_results(results: dict[str, Any], out_dir: str | Path) -> Path:
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "eval.json").write_text(json.dumps(results, indent=2))
-    (out_dir / "eval.md").write_text(markdown_table(results) + "\n")
-    plot_eval(results, out_dir / "eval.png")
-    return out_dir / "eval.json"

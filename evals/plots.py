@@ -9,6 +9,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from data_pipeline.atomic import atomic_save_figure  # noqa: E402
+
 
 def plot_eval(results: dict[str, Any], path: str | Path) -> Path:
     panels = [p for p in ("retrieval", "anchor_shift", "imputation_error") if results.get(p)]
@@ -44,6 +46,6 @@ def plot_eval(results: dict[str, Any], path: str | Path) -> Path:
         ax.tick_params(axis="x", labelrotation=30)
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=110)
+    atomic_save_figure(fig, path, dpi=110)
     plt.close(fig)
     return path

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from data_pipeline.contract import MODALITIES
 from data_pipeline.tokenizer import load_tokenizer
-from pretrain.config import MODALITIES, Config
+from pretrain.config import Config
 from pretrain.model import MultiModalModel
 
 

@@ -1,7 +1,7 @@
 """The CalMRL calibrator: a shared-latent generative model of the representations.
 
 Every modality's representation is modelled as a linear image of one latent
-vector shared by all modalities of an instance (METHOD.md, "Generative model"):
+vector shared by all modalities of an instance (docs/method.md, "Generative model"):
 
     z^m = W_m b + mu_m + e_m,   b ~ N(0, I_k),   e_m ~ N(0, sigma2_m I_d)
 
@@ -17,7 +17,7 @@ many steps and the log-likelihood is compared across EM iterations, both of
 which bf16/fp32 roundoff would blur. Keep the calibrator out of any wrapper that
 casts a module's buffers (e.g. a bf16 DeepSpeed engine); it has nothing to train.
 
-Choices that METHOD.md leaves open, ours (configurable where it matters):
+Choices that docs/method.md leaves open, ours (configurable where it matters):
 - ``W_m`` starts as ``init_scale * randn(d, k) / sqrt(d)`` (columns of norm
   about ``init_scale``), ``mu_m = 0``, ``sigma2_m = 1``, drawn from ``seed``.
 - Counts are decayed together with the other sums, so the M-step is an

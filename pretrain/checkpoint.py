@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from data_pipeline.shards import atomic_write_bytes
+from data_pipeline.atomic import atomic_write
 from pretrain.distributed import is_distributed, rank, world_size
 
 LATEST = "latest"
@@ -42,6 +42,10 @@ class Checkpointer:
         self.root = Path(root)
         self.keep = keep
 
+    @staticmethod
+    def rank_state_name(rank: int) -> str:
+        return f"trainer_state_rank{rank}.pt"
+
     def save(self, engine: Any, step: int, rank_state: dict[str, Any]) -> Path:
         """Collective: every rank calls it with its own `rank_state`."""
         tag = step_tag(step)
@@ -57,13 +61,13 @@ class Checkpointer:
         state = {**rank_state, "world_size": world_size(), "step": step}
         buf = io.BytesIO()
         torch.save(state, buf)
-        atomic_write_bytes(tmp_dir / f"trainer_state_rank{rank()}.pt", buf.getvalue())
+        atomic_write(tmp_dir / self.rank_state_name(rank()), buf.getvalue())
         _barrier()
         if rank() == 0:
             if final_dir.exists():
                 shutil.rmtree(final_dir)
             tmp_dir.rename(final_dir)
-            atomic_write_bytes(self.root / LATEST, tag.encode())
+            atomic_write(self.root / LATEST, tag.encode())
             self._prune(keep_tag=tag)
         _barrier()
         return final_dir
@@ -89,7 +93,7 @@ class Checkpointer:
     def load(self, engine: Any, tag: str) -> dict[str, Any]:
         """Collective: load engine state (module, optimizer, scheduler) and this rank's state."""
         tag = self.resolve(tag)
-        state_path = self.root / tag / f"trainer_state_rank{rank()}.pt"
+        state_path = self.root / tag / self.rank_state_name(rank())
         if not state_path.is_file():
             raise CheckpointError(f"{state_path} missing: the checkpoint was written by fewer ranks")
         state = torch.load(state_path, map_location="cpu", weights_only=False)

@@ -4,7 +4,7 @@
 aligns: embeddings for every modality, plus `observed` (encoded) and
 `available` (observed or filled) masks. The method decides how:
 
-- calmrl: the bi-step of METHOD.md. Step A (no gradient): E-step on detached
+- calmrl: the bi-step of docs/method.md. Step A (no gradient): E-step on detached
   features, all-reduced statistics, M-step every `update_every` optimizer
   steps. Step B: impute missing modalities with the current state (gradient
   flows through the posterior mean into the observed encoders when

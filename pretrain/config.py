@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-MODALITIES: tuple[str, ...] = ("image", "text", "audio")
+from data_pipeline.contract import MODALITIES, DataConfig
 
 
 class ConfigError(ValueError):
@@ -23,36 +23,8 @@ class ConfigError(ValueError):
 
 
 @dataclass
-class DataConfig:
-    shards: str = ""  # a split folder holding index.json (local path or s3://)
-    batch_size: int = 32  # per rank, per micro-step
-    num_workers: int = 1
-    shuffle_buffer: int = 256
-    seed: int = 0
-    image_size: int = 32
-    max_text_len: int = 24
-    sample_rate: int = 8000
-    audio_seconds: float = 0.5
-    n_mels: int = 32
-    n_fft: int = 256
-    hop_length: int = 128
-    # Which of a sample's audio tracks to use: "random" (a new draw per epoch),
-    # "first", or "KIND" / "KIND:LANG" (e.g. "description:en"), falling back to random.
-    audio_policy: str = "random"
-    tokenizer: str = ""  # "" = the split's tokenizer.json; "minilm" or a tokenizer.json path for pretrained text towers
-    resampled: bool = False  # draw shards with replacement; epochs become virtual
-    epoch_samples: int = 0  # resampled mode: samples per reader per virtual epoch (0: its shards' count)
-    # Extra missing modalities imposed on the training stream (never on evaluation):
-    # see data_pipeline/missing.py. "instance": this fraction of multi-modal samples
-    # lose a random non-empty proper subset; "entry": each modality hidden independently.
-    extra_missing: float = 0.0
-    extra_missing_mode: str = "instance"
-    extra_missing_seed: int = 0
-
-
-@dataclass
 class TowerConfig:
-    name: str = ""  # a name in pretrain.towers.TOWERS
+    name: str = ""  # a registered tower (pretrain.registry)
     width: int = 64
     depth: int = 2
     heads: int = 4  # attention heads, for transformer towers
@@ -84,7 +56,7 @@ METHODS = ("calmrl", "observed_only", "drop_incomplete", "mean_fill")
 
 @dataclass
 class CalibrationConfig:
-    """How missing modalities are handled (METHOD.md, "Bi-step training").
+    """How missing modalities are handled (docs/method.md, "Bi-step training").
 
     method: calmrl (impute with the calibrator), observed_only (align what is
     present: local anchors), drop_incomplete (only complete tuples align),
@@ -251,6 +223,12 @@ def _build(cls: type, values: dict[str, Any], prefix: str, source: str) -> Any:
     return obj
 
 
+def build_section(cls: type, values: dict[str, Any], source: str) -> Any:
+    """A typed dataclass (any config-like schema, e.g. a sweep file's) from a mapping,
+    with the same checks as a config: unknown keys and wrong types name key and file."""
+    return _build(cls, values, "", source)
+
+
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     parts = dotted.split(".")
     node = tree
@@ -259,6 +237,14 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
         if not isinstance(node, dict):
             raise ConfigError(f"override '{dotted}': '{part}' is not a section")
     node[parts[-1]] = value
+
+
+def nest_dotted(flat: dict[str, Any]) -> dict[str, Any]:
+    """{'a.b': 1} -> {'a': {'b': 1}}."""
+    tree: dict[str, Any] = {}
+    for dotted, value in flat.items():
+        _set_dotted(tree, dotted, value)
+    return tree
 
 
 def parse_overrides(args: list[str]) -> dict[str, Any]:
@@ -284,11 +270,12 @@ def _looks_like_float(raw: str) -> bool:
     return True
 
 
-def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """`extra` merged into a copy of `base`, section by section."""
     out = dict(base)
     for key, value in extra.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _deep_merge(out[key], value)
+            out[key] = deep_merge(out[key], value)
         else:
             out[key] = value
     return out
@@ -310,7 +297,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     cfg = _build(Config, tree, "", source)
     if overrides:
         over_source = f"{source} (command-line overrides)"
-        cfg = _build(Config, _deep_merge(cfg.to_dict(), parse_overrides(overrides)), "", over_source)
+        cfg = _build(Config, deep_merge(cfg.to_dict(), parse_overrides(overrides)), "", over_source)
     cfg.validate(source)
     return cfg
 

@@ -8,11 +8,14 @@ all gathered columns. Logged `terms` are already global values.
 """
 from __future__ import annotations
 
+from functools import partial
 from itertools import combinations, permutations
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
+from pretrain.config import LossConfig
 from pretrain.distributed import all_reduce_sum, gather_rows, gather_rows_nograd, rank, world_size
 
 
@@ -196,7 +199,6 @@ def gram_volume(
     available: torch.Tensor | None = None,
     anchor: str = "text",
     volume_eps: float = 1e-6,
-    **_,
 ) -> dict[str, torch.Tensor]:
     """GRAM volume alignment with anchor modality `anchor`.
 
@@ -349,7 +351,6 @@ def pmrl(
     eig_gap_eps: float = 1e-8,
     eig_floor: float = 1e-6,
     sign_tol: float = 1e-3,
-    **_,
 ) -> dict[str, torch.Tensor]:
     """PMRL: maximise each instance's leading singular value, contrast the leading directions.
 
@@ -401,4 +402,20 @@ def pmrl(
     return out
 
 
-OBJECTIVES = {"pairwise": pairwise_infonce, "gram": gram_volume, "pmrl": pmrl}
+class Objective(Protocol):
+    """An alignment objective with its options bound (see `create_objective`)."""
+
+    def __call__(self, emb: dict[str, torch.Tensor], observed: torch.Tensor, logit_scale: torch.Tensor,
+                 modalities: tuple[str, ...] | list[str], *,
+                 available: torch.Tensor | None = None) -> dict[str, torch.Tensor]: ...
+
+
+def create_objective(cfg: LossConfig) -> Objective:
+    """The configured objective, built once, with exactly its own options bound."""
+    if cfg.objective == "pairwise":
+        return partial(pairwise_infonce, imputed_pair_weight=cfg.imputed_pair_weight)
+    if cfg.objective == "gram":
+        return partial(gram_volume, anchor=cfg.gram_anchor)
+    if cfg.objective == "pmrl":
+        return partial(pmrl, tau1=cfg.pmrl_tau1)
+    raise ValueError(f"loss.objective {cfg.objective!r} is not one of: pairwise, gram, pmrl")

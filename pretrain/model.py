@@ -8,7 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pretrain.config import MODALITIES, DataConfig, ModelConfig
+from data_pipeline.contract import MODALITIES, DataConfig
+from pretrain.config import Config, ModelConfig
+from pretrain.rng import seed_everything
 from pretrain.towers import build_tower
 
 
@@ -56,3 +58,9 @@ class MultiModalModel(nn.Module):
         # only materialised while its module's forward runs.
         return {"emb": {m: self.encode(m, batch) for m in self.modalities},
                 "logit_scale": self.logit_scale()}
+
+
+def build_model(cfg: Config, vocab_size: int) -> MultiModalModel:
+    """The run's model; `train.seed` makes the initial weights identical on every rank."""
+    seed_everything(cfg.train.seed)
+    return MultiModalModel(cfg.model, cfg.data, vocab_size)

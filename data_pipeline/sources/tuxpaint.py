@@ -41,7 +41,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from data_pipeline.shards import atomic_write_json
+from data_pipeline.atomic import atomic_write_json
+from data_pipeline.cache import cache_dir
 from data_pipeline.sources import BuildOptions, BuildReport, SourceError
 from data_pipeline.sources.common import (
     BadRecord,
@@ -74,10 +75,6 @@ AUDIO_POLICIES = {
 
 
 # ---------------------------------------------------------------- getting the package
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("CALMRL_CACHE") or Path.home() / ".cache" / "calmrl")
 
 
 @dataclass(frozen=True)
@@ -211,7 +208,7 @@ def _recorded_extractions(cache: Path) -> list[PackageInfo]:
 
 def prepare_package(cache: Path | None = None, package: str = PACKAGE) -> PreparedPackage:
     """Download (if needed), verify and extract the package under `cache/tuxpaint/`."""
-    root = Path(cache or default_cache_dir()) / "tuxpaint"
+    root = Path(cache or cache_dir()) / "tuxpaint"
     root.mkdir(parents=True, exist_ok=True)
     with _locked(root / ".lock"):
         try:
@@ -244,7 +241,7 @@ def prepare_package(cache: Path | None = None, package: str = PACKAGE) -> Prepar
 # ---------------------------------------------------------------- reading the stamps
 
 
-def _split_group(stamp: "Stamp") -> str:
+def _split_group(stamp: Stamp) -> str:
     """What decides a stamp's split: its lower-cased English caption when it has
     one, so variants that share a caption ("The letter J.", chess pieces) stay
     in one split and retrieval cannot match a test caption seen in training;
@@ -455,7 +452,7 @@ def build_tuxpaint(opts: BuildOptions) -> BuildReport:
     langs_other = {k.split("/")[1] for k in tracks if k.startswith("description/") and k != "description/en"}
     n_desc_other = sum(v for k, v in tracks.items() if k.startswith("description/") and k != "description/en")
     n_eff_loc = sum(v for k, v in tracks.items() if k.startswith("effect/") and k != "effect/-")
-    stamps_other = sum(1 for s in stamps if any(k == "description" and l != "en" for _, k, l in s.tracks))
+    stamps_other = sum(1 for s in stamps if any(k == "description" and lang != "en" for _, k, lang in s.tracks))
     images = build["images"]
     summary = (
         f"wrote {opts.out} from {package.info.name} {package.info.version}: {len(stamps)} stamps "

@@ -1,0 +1,52 @@
+"""What one optimizer step reports: a typed result, and its flat record.
+
+The trainer returns a `StepResult` from every step and hands it to its sinks
+(the run log, a progress bar, the Prometheus exporter, a Ray Tune reporter).
+`record()` is the flat form the JSONL log and the metrics use; its keys are a
+contract (docs/training.md, cluster/metrics.py).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from data_pipeline.contract import MODALITIES
+
+
+@dataclass
+class StepResult:
+    step: int  # optimizer steps done (1-based)
+    loss: float  # the objective on the global batch, mean over micro-steps
+    terms: dict[str, float]  # "loss/<term>": the objective's named terms
+    lr: float
+    logit_scale: float
+    samples_per_s: float  # global samples per second of this step
+    step_time_s: float
+    data_wait_s: float  # time spent waiting for batches
+    completion_time_s: float  # calibrator E-step, statistics, M-step, imputation (or a baseline's fill)
+    present: list[int]  # per modality (MODALITIES order): this rank's samples that had it
+    imputed: list[int]  # per modality: samples whose missing modality was filled in
+    logged: bool = False  # a log step: the run log writes it, and the diagnostics below are fresh
+    log_likelihood: float | None = None  # calibrator log-likelihood of the batch (log steps)
+    calibrator: dict[str, float] = field(default_factory=dict)  # "calibrator/sigma2/<m>"
+    anchor_shift: dict[str, float] = field(default_factory=dict)  # "anchor_shift/<kind>" (log steps)
+    bad_samples: int | None = None  # cumulative bad samples of this rank's reader (shard loader only)
+    time: float = 0.0  # unix time at the end of the step
+
+    def record(self) -> dict[str, Any]:
+        """The flat record: the JSONL log line and what the metrics exporter reads."""
+        out: dict[str, Any] = {
+            "step": self.step, "loss": self.loss, **self.terms,
+            "lr": self.lr, "logit_scale": self.logit_scale,
+            "samples_per_s": self.samples_per_s, "step_time_s": self.step_time_s,
+            "data_wait_s": self.data_wait_s, "completion_time_s": self.completion_time_s,
+            **{f"present/{m}": int(c) for m, c in zip(MODALITIES, self.present)},
+            **{f"imputed/{m}": int(c) for m, c in zip(MODALITIES, self.imputed)},
+            "calibrator/log_likelihood": self.log_likelihood,
+            **self.calibrator,
+        }
+        if self.bad_samples is not None:
+            out["bad_samples"] = self.bad_samples
+        out.update(self.anchor_shift)
+        out["time"] = self.time
+        return out

@@ -1,0 +1,420 @@
+"""Data sources: the real Tux Paint stamps (built from the Debian package), a
+folder of files and a JSONL manifest, each written as shards the reader reads.
+
+The tuxpaint build downloads ~160 MB once into the calmrl cache
+($CALMRL_CACHE or ~/.cache/calmrl), kept across runs; later runs verify the
+cached .deb and reuse its extraction."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import stat
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+import webdataset as wds
+from PIL import Image
+
+from cluster.cli import main as cli_main
+from data_pipeline.cache import cache_dir
+from data_pipeline.contract import MODALITIES, DataConfig, pattern_name
+from data_pipeline.reader import iterate_split
+from data_pipeline.shards import read_index
+from data_pipeline.sources import SOURCES, SPLITS, BuildOptions, SourceError, tuxpaint
+from data_pipeline.sources.common import split_of
+from data_pipeline.tar_reading import BadInputLog
+
+AUDIO_EXTS = ("ogg", "flac", "wav")
+
+
+def shard_samples(split_dir: Path):
+    """Every sample of a split, in shard order, as (raw dict, metadata)."""
+    for shard in read_index(split_dir)["shards"]:
+        for raw in wds.WebDataset(str(split_dir / shard["name"]), shardshuffle=False):
+            yield raw, json.loads(raw["json"])
+
+
+def read_back(out: Path, split: str = "train", audio_policy: str = "first") -> tuple[dict, BadInputLog]:
+    """key -> (present mask, label) through the real reader."""
+    cfg = DataConfig(shards=str(out / split), audio_policy=audio_policy)
+    bad = BadInputLog()
+    rows = {}
+    for batch in iterate_split(cfg, out / split, batch_size=8, bad=bad):
+        for key, present, label in zip(batch["key"], batch["present"], batch["label"]):
+            if key:
+                rows[key] = (tuple(bool(v) for v in present), int(label))
+    return rows, bad
+
+
+def mask_of(meta: dict) -> tuple[bool, ...]:
+    return tuple(m in meta["modalities"] for m in MODALITIES)
+
+
+# ---------------------------------------------------------------- tuxpaint, for real
+
+
+@pytest.fixture(scope="session")
+def tuxpaint_build(tmp_path_factory):
+    if not (shutil.which("apt-get") and shutil.which("apt-cache") and shutil.which("dpkg-deb")):
+        pytest.fail("the tuxpaint source needs apt-get, apt-cache and dpkg-deb (Debian/Ubuntu): none found on PATH")
+    out = tmp_path_factory.mktemp("tuxpaint")
+    report = SOURCES["tuxpaint"](BuildOptions(out=out, cache=cache_dir(), progress=False))
+    return out, report
+
+
+def test_tuxpaint_index_counts_match_shards(tuxpaint_build):
+    out, report = tuxpaint_build
+    totals: Counter[str] = Counter()
+    tracks: Counter[str] = Counter()
+    stamps_with: Counter[str] = Counter()
+    for split in SPLITS:
+        index = read_index(out / split)
+        assert index["source"] == "tuxpaint" and index["split"] == split
+        assert index["tokenizer"] == "../tokenizer.json" and (out / "tokenizer.json").is_file()
+        classes = index["classes"]
+        assert index["num_classes"] == len(classes) >= 10 and "animals" in classes  # 16 in 2022.06.04-1
+        seen: Counter[str] = Counter()
+        split_tracks: Counter[str] = Counter()
+        for raw, meta in shard_samples(out / split):
+            assert meta["split"] == split and meta["source"] == "tuxpaint"
+            assert 0 <= meta["label"] < len(classes) and classes[meta["label"]] == meta["stamp"].split("/")[0]
+            assert ("png" in raw) == ("image" in meta["modalities"])
+            assert ("txt" in raw) == ("text" in meta["modalities"])
+            names = [t["name"] for t in meta["audio_tracks"]]
+            assert sorted(k for k in raw if k.startswith("audio")) == sorted(names)
+            assert ("audio" in meta["modalities"]) == bool(names)
+            assert names == [f"audio{i}.{t['file'].rsplit('.', 1)[1]}" for i, t in enumerate(meta["audio_tracks"])]
+            assert meta["modalities"] == [m for m in MODALITIES if m in meta["modalities"]]
+            if "png" not in raw:
+                assert meta["image_absent"] in ("svg_only", "no_image_file")
+            if "txt" in raw:
+                assert raw["txt"].decode().strip() and "\n" not in raw["txt"].decode()
+            assert "." not in raw["__key__"]
+            seen[pattern_name(meta["modalities"])] += 1
+            for t in meta["audio_tracks"]:
+                assert t["kind"] in ("effect", "description")
+                split_tracks[f"{t['kind']}/{t['lang'] or '-'}"] += 1
+            for tag in {f"{t['kind']}/{t['lang'] or '-'}" for t in meta["audio_tracks"]}:
+                stamps_with[tag] += 1
+        assert dict(seen) == index["pattern_counts"]
+        assert sum(seen.values()) == index["num_samples"] == sum(s["count"] for s in index["shards"])
+        assert dict(split_tracks) == index["audio_track_counts"]
+        for policy, counts in index["pattern_counts_by_audio_policy"].items():
+            assert sum(counts.values()) == index["num_samples"], policy
+        totals.update(seen)
+        tracks.update(split_tracks)
+    # The natural gaps of the real data (package 2022.06.04-1: 952 stamps; 135
+    # effects, 65 English and 7341 other-language descriptions). Ranges, so a
+    # newer Debian package still passes.
+    assert 900 <= sum(totals.values()) <= 1100
+    assert len(totals) >= 3 and totals["image+text+audio"] > 500 and totals["text+audio"] > 50
+    assert 100 <= stamps_with["effect/-"] <= 200
+    assert 40 <= stamps_with["description/en"] <= 120
+    assert tracks["description/fr"] > 600 and sum(v for k, v in tracks.items() if k.startswith("description/")) > 5000
+    build = read_index(out / "train")["build"]
+    assert build["images"]["svg_only"] > 0 and build["orphan_audio_files"]
+    assert "natural patterns" in report.summary and "image+text+audio" in report.summary
+
+
+def _decode_shard(path: str) -> tuple[int, list[str]]:
+    """Decode every audio track of one shard with soundfile; (tracks, problems)."""
+    n, problems = 0, []
+    for raw in wds.WebDataset(path, shardshuffle=False):
+        meta = json.loads(raw["json"])
+        for t in meta["audio_tracks"]:
+            wave, rate = soundfile.read(io.BytesIO(raw[t["name"]]), dtype="float32", always_2d=True)
+            n += 1
+            if rate != t["sample_rate"] or wave.shape[0] == 0 or wave.shape[1] != t["channels"] \
+                    or not np.isfinite(wave).all() or abs(wave.shape[0] / rate - t["seconds"]) > 0.01:
+                problems.append(f"{raw['__key__']}/{t['name']}")
+    return n, problems
+
+
+def test_tuxpaint_every_audio_track_decodes(tuxpaint_build):
+    out, _ = tuxpaint_build
+    shards = [str(out / split / s["name"]) for split in SPLITS for s in read_index(out / split)["shards"]]
+    expected = sum(sum(read_index(out / s)["audio_track_counts"].values()) for s in SPLITS)
+    with ProcessPoolExecutor(max_workers=2) as pool:
+        results = list(pool.map(_decode_shard, shards))
+    assert sum(n for n, _ in results) == expected > 7000
+    assert [p for _, ps in results for p in ps] == []
+
+
+def test_tuxpaint_images_keep_their_real_size(tuxpaint_build):
+    out, _ = tuxpaint_build
+    modes: Counter[str] = Counter()
+    for raw, meta in shard_samples(out / "val"):
+        if "png" in raw:
+            with Image.open(io.BytesIO(raw["png"])) as img:
+                img.load()
+                assert img.size == (meta["image"]["width"], meta["image"]["height"])
+                modes[img.mode] += 1
+    assert modes["RGBA"] + modes["LA"] + modes["P"] > 0  # stamps carry alpha: the decoder composites on white
+
+
+def test_tuxpaint_split_by_stamp_is_deterministic_and_disjoint(tuxpaint_build):
+    out, _ = tuxpaint_build
+    stamps_of, captions_of = {}, {}
+    for split in SPLITS:
+        samples = list(shard_samples(out / split))
+        stamps_of[split] = {meta["stamp"]: meta for _, meta in samples}
+        captions_of[split] = {" ".join(raw["txt"].decode().lower().split()) for raw, _ in samples if "txt" in raw}
+        for raw, meta in samples:
+            # stamps sharing an English caption share a split; stamps without one go by path
+            group = ("caption:" + " ".join(raw["txt"].decode().lower().split()) if "txt" in raw
+                     else "path:" + meta["stamp"])
+            assert split_of(group, (0.8, 0.1, 0.1)) == split
+    train, val, test = (set(stamps_of[s]) for s in SPLITS)
+    assert not (train & val or train & test or val & test)
+    c_train, c_val, c_test = (captions_of[s] for s in SPLITS)
+    assert not (c_train & c_val or c_train & c_test or c_val & c_test)  # no caption leaks across splits
+    n = len(train | val | test)
+    assert 0.7 < len(train) / n < 0.9 and len(val) > 50 and len(test) > 50
+
+
+def test_tuxpaint_reads_back_through_the_reader(tuxpaint_build):
+    out, _ = tuxpaint_build
+    metas = {raw["__key__"]: meta for raw, meta in shard_samples(out / "test")}
+    rows, bad = read_back(out, "test", audio_policy="description:en")
+    assert bad.count == 0
+    assert set(rows) == set(metas)
+    for key, (present, label) in rows.items():
+        assert present == mask_of(metas[key]) and label == metas[key]["label"]
+
+
+def test_tuxpaint_corrupt_cached_deb_is_detected(tuxpaint_build, tmp_path):
+    _, report = tuxpaint_build
+    real_deb: Path = report.details["package"].deb
+    cache = tmp_path / "cache"
+    (cache / "tuxpaint").mkdir(parents=True)
+    deb = cache / "tuxpaint" / real_deb.name
+    shutil.copyfile(real_deb, deb)
+    with open(deb, "r+b") as f:  # flip one byte in the middle
+        f.seek(deb.stat().st_size // 2)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(SourceError, match="SHA256 mismatch") as err:
+        tuxpaint.prepare_package(cache)
+    assert str(deb) in str(err.value) and "delete" in str(err.value)
+    # A verified extraction from before does not excuse the corrupt .deb.
+    target = cache / "tuxpaint" / real_deb.name.removesuffix(".deb")
+    (target / "root" / tuxpaint.STAMPS_SUBDIR).mkdir(parents=True)
+    info = report.details["package"].info
+    (target / tuxpaint.MARKER).write_text(json.dumps({"package": info.__dict__, "deb": deb.name}))
+    with pytest.raises(SourceError, match="SHA256 mismatch"):
+        tuxpaint.prepare_package(cache)
+
+
+def _fake_apt(tmp_path: Path, monkeypatch) -> None:
+    """apt-cache and apt-get that know no package, as with empty package lists."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name in ("apt-cache", "apt-get"):
+        script = bin_dir / name
+        script.write_text("#!/bin/sh\necho 'N: Unable to locate package tuxpaint-stamps-default' >&2\n"
+                          "echo 'E: No packages found' >&2\nexit 100\n")
+        script.chmod(script.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+
+
+def test_tuxpaint_empty_apt_lists_say_run_apt_get_update(tmp_path, monkeypatch):
+    _fake_apt(tmp_path, monkeypatch)
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    monkeypatch.setattr(tuxpaint, "APT_LISTS", lists)
+    with pytest.raises(SourceError) as err:
+        tuxpaint.prepare_package(tmp_path / "cache")
+    assert "apt-get update" in str(err.value) and "as root" in str(err.value) and "empty" in str(err.value)
+    # Without APT, a verified extraction in the cache is still used (its .deb re-hashed against the marker).
+    root = tmp_path / "cache" / "tuxpaint"
+    deb = root / "tuxpaint-stamps-default_1.0_all.deb"
+    deb.write_bytes(b"not really a deb")
+    info = tuxpaint.PackageInfo(tuxpaint.PACKAGE, "1.0", tuxpaint.sha256_file(deb), f"pool/{deb.name}", 16)
+    (root / deb.stem / "root" / tuxpaint.STAMPS_SUBDIR).mkdir(parents=True)
+    (root / deb.stem / tuxpaint.MARKER).write_text(json.dumps({"package": info.__dict__, "deb": deb.name}))
+    prepared = tuxpaint.prepare_package(tmp_path / "cache")
+    assert prepared.reused and prepared.info.version == "1.0"
+
+
+# ---------------------------------------------------------------- folder and jsonl
+
+
+def _png(path: Path, colour=(200, 30, 30), size=(20, 12), mode="RGB") -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, size, colour).save(path)
+
+
+def _audio(path: Path, fmt: str, rate: int = 16000, seconds: float = 0.3) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    t = np.arange(int(rate * seconds)) / rate
+    kw = {"format": "OGG", "subtype": "VORBIS"} if fmt == "ogg" else {"format": fmt.upper()}
+    soundfile.write(path, (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32), rate, **kw)
+
+
+@pytest.fixture()
+def user_folder(tmp_path) -> Path:
+    root = tmp_path / "mydata"
+    _png(root / "dogs/dog1.png"); (root / "dogs/dog1.txt").write_text("a brown dog\n")
+    _audio(root / "dogs/dog1.wav", "wav")
+    _png(root / "dogs/dog2.png", mode="RGBA", colour=(0, 0, 0, 0))  # fully transparent
+    (root / "dogs/dog2.txt").write_text("a sleeping dog")
+    (root / "cats").mkdir()
+    Image.new("RGB", (9, 9), (1, 2, 3)).save(root / "cats/cat1.jpg")
+    (root / "cats/cat2.txt").write_text("a cat purring"); _audio(root / "cats/cat2.flac", "flac")
+    _audio(root / "cats/cat2.ogg", "ogg", rate=44100)
+    _audio(root / "cats/cat3.wav", "wav", rate=8000)
+    _png(root / "cats/quiet.png"); (root / "cats/quiet.txt").write_text("")  # empty caption: image only
+    (root / "cats/blank.txt").write_text("  \n")  # nothing else: no modality
+    (root / "cats/broken.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not a picture")
+    (root / "cats/broken.txt").write_text("a broken picture")
+    _png(root / "top.png"); (root / "top.txt").write_text("no folder, no label")
+    (root / "notes.md").write_text("ignored"); _png(root / ".hidden.png")
+    return root
+
+
+def test_folder_corrupt_image_names_the_file_and_the_fix(user_folder, tmp_path, capsys):
+    code = cli_main(["data", "build", "--source", "folder", "--input", str(user_folder),
+                     "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert str(user_folder / "cats/broken.png") in err and "--skip-bad" in err and "does not decode" in err
+    assert not (tmp_path / "out" / "train" / "index.json").exists()
+
+
+def test_folder_builds_and_reads_back(user_folder, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = cli_main(["data", "build", "--source", "folder", "--input", str(user_folder), "--out", str(out),
+                     "--split-fractions", "1,0,0", "--skip-bad", "--shard-size", "3"])
+    summary = capsys.readouterr().out
+    assert code == 0 and "9 records" in summary and "bad_image 1" in summary
+    index = read_index(out / "train")
+    assert index["classes"] == ["cats", "dogs"] and index["num_classes"] == 2
+    assert index["build"]["skipped"] == {"bad_image": 1, "no_modality": 1}
+    # quiet.txt (its record keeps the image) and blank.txt (its record, left empty, is skipped)
+    assert index["build"]["counters"] == {"empty_captions": 2} and index["build"]["ignored_files"] == 2
+    assert index["pattern_counts"] == {"image": 2, "image+text": 2, "image+text+audio": 1, "text+audio": 1,
+                                       "audio": 1}
+    assert read_index(out / "val")["num_samples"] == 0 == read_index(out / "test")["num_samples"]
+    metas = {raw["__key__"]: (raw, meta) for raw, meta in shard_samples(out / "train")}
+    assert set(metas) == {"dogs_dog1", "dogs_dog2", "cats_cat1", "cats_cat2", "cats_cat3", "cats_quiet", "top"}
+    raw, meta = metas["cats_cat2"]
+    assert [(t["name"], t["sample_rate"]) for t in meta["audio_tracks"]] == [("audio0.flac", 16000),
+                                                                             ("audio1.ogg", 44100)]
+    assert "jpg" in metas["cats_cat1"][0] and metas["cats_quiet"][1]["text_absent"] == "empty_caption"
+    assert metas["top"][1]["label"] == -1 and metas["dogs_dog1"][1]["label"] == 1
+    rows, bad = read_back(out)
+    assert bad.count == 0 and set(rows) == set(metas)
+    for key, (present, label) in rows.items():
+        assert present == mask_of(metas[key][1]) and label == metas[key][1]["label"], key
+
+
+def _manifest(root: Path, lines: list[str]) -> Path:
+    path = root / "data" / "manifest.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture()
+def manifest_files(tmp_path) -> Path:
+    base = tmp_path / "data"
+    _png(base / "img/a.png"); _png(base / "img/b.png", mode="LA", colour=(10, 128))
+    _audio(base / "snd/a.wav", "wav"); _audio(base / "snd/c.flac", "flac", rate=22050)
+    (base / "img/bad.png").write_bytes(b"GIF89a but truncated")
+    return tmp_path
+
+
+GOOD_LINES = [
+    '{"image": "img/a.png", "caption": "a red square", "audio": "snd/a.wav", "label": "square"}',
+    '{"caption": "only text here", "label": "circle"}',
+    '{"image": "img/b.png", "audio": ["snd/a.wav", {"path": "snd/c.flac", "kind": "speech", "lang": "fr"}], '
+    '"label": "circle", "meta": {"source_id": 7}}',
+    "",
+    '{"image": "img/a.png", "caption": "the same square, a second caption", "label": "square"}',
+    '{"caption": "", "audio": "snd/c.flac"}',
+]
+
+
+@pytest.mark.parametrize("bad_line, message", [
+    ('{"image": "img/a.png", "caption": "x"', "not JSON"),
+    ('{"image": "img/missing.png"}', "does not exist"),
+    ('{"image": "img/bad.png", "caption": "x"}', "image does not decode"),
+    ('{"imgae": "img/a.png"}', "unknown field(s) imgae"),
+])
+def test_jsonl_errors_name_the_line_and_file(manifest_files, tmp_path, bad_line, message):
+    manifest = _manifest(manifest_files, GOOD_LINES + [bad_line])
+    with pytest.raises(SourceError) as err:
+        SOURCES["jsonl"](BuildOptions(out=tmp_path / "out", input=manifest, progress=False))
+    text = str(err.value)
+    assert f"{manifest}:{len(GOOD_LINES) + 1}" in text and message in text
+    if "img/" in bad_line and "missing" in bad_line:
+        assert str(manifest.parent / "img/missing.png") in text
+
+
+def test_jsonl_builds_and_reads_back(manifest_files, tmp_path):
+    lines = GOOD_LINES + ['{"caption": "   "}', '{"image": "img/bad.png", "caption": "x"}', "{not json"]
+    manifest = _manifest(manifest_files, lines)
+    out = tmp_path / "out"
+    report = SOURCES["jsonl"](BuildOptions(out=out, input=manifest, split_fractions=(1.0, 0.0, 0.0),
+                                           skip_bad=True, progress=False))
+    index = read_index(out / "train")
+    assert index["classes"] == ["circle", "square"]
+    assert index["build"]["skipped"] == {"bad_image": 1, "bad_line": 1, "no_modality": 1}
+    assert index["build"]["counters"] == {"empty_captions": 2}
+    assert index["pattern_counts"] == {"image+text+audio": 1, "text": 1, "image+audio": 1, "image+text": 1,
+                                       "audio": 1}
+    assert "skipped" in report.summary
+    metas = {raw["__key__"]: meta for raw, meta in shard_samples(out / "train")}
+    assert {"img_a_png", "img_a_png-1"} <= set(metas)  # one image, two captions: two records, one group
+    multi = metas["img_b_png"]
+    assert [(t["name"], t["kind"], t["lang"]) for t in multi["audio_tracks"]] == [
+        ("audio0.wav", None, None), ("audio1.flac", "speech", "fr")]
+    assert multi["meta"] == {"source_id": 7} and multi["line"] == 3
+    rows, bad = read_back(out, audio_policy="speech:fr")
+    assert bad.count == 0 and set(rows) == set(metas)
+    for key, (present, label) in rows.items():
+        assert present == mask_of(metas[key]) and label == metas[key]["label"], key
+
+
+def test_jsonl_split_is_deterministic_disjoint_and_keeps_groups(tmp_path):
+    lines = [json.dumps({"id": f"item{i % 40}", "caption": f"caption number {i}"}) for i in range(80)]
+    manifest = _manifest(tmp_path, lines)
+    keys = []
+    for run in range(2):
+        out = tmp_path / f"out{run}"
+        SOURCES["jsonl"](BuildOptions(out=out, input=manifest, split_fractions=(0.5, 0.25, 0.25), progress=False))
+        keys.append({s: sorted(raw["__key__"] for raw, _ in shard_samples(out / s)) for s in SPLITS})
+    assert keys[0] == keys[1]
+    groups = {s: {k.split("-")[0] for k in keys[0][s]} for s in SPLITS}
+    assert not (groups["train"] & groups["val"] or groups["train"] & groups["test"] or groups["val"] & groups["test"])
+    assert all(keys[0][s] for s in SPLITS) and sum(len(v) for v in keys[0].values()) == 80
+    with pytest.raises(SourceError, match="split-fractions"):
+        from data_pipeline.sources import parse_split_fractions
+
+        parse_split_fractions("0.5,0.5,0.5")
+
+
+def test_synthetic_still_builds_through_the_registry(tmp_path, capsys):
+    code = cli_main(["data", "build", "--source", "synthetic", "--out", str(tmp_path / "syn"),
+                     "--num-samples", "60", "--shard-size", "30"])
+    assert code == 0
+    assert "train 48 samples in 2 shards" in capsys.readouterr().out
+    assert read_index(tmp_path / "syn" / "train")["source"] == "synthetic"
+
+
+def test_synthetic_missing_rates_from_the_command_line(tmp_path, capsys):
+    code = cli_main(["data", "build", "--source", "synthetic", "--out", str(tmp_path / "syn"),
+                     "--num-samples", "60", "--shard-size", "30", "--missing", "0,0,0"])
+    assert code == 0
+    for split in ("train", "val", "test"):
+        assert set(read_index(tmp_path / "syn" / split)["pattern_counts"]) == {"image+text+audio"}
+    assert cli_main(["data", "build", "--source", "synthetic", "--out", str(tmp_path / "bad"),
+                     "--missing", "0,1.5,0"]) == 2
+    assert "--missing '0,1.5,0'" in capsys.readouterr().err
