@@ -8,6 +8,7 @@ same trainer with calibration off (observed_only) for the step-time delta.
 
     python benchmarks/bench_calibration_share.py [--steps 10] [--batch 256] [--dim 512] [--latent 64]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,11 +24,21 @@ from pretrain.trainer import build_trainer
 
 
 def run(method: str, args, batches) -> tuple[float, float]:
-    cfg = load_config(args.config, [
-        f"--data.batch_size={args.batch}", f"--model.embed_dim={args.dim}", f"--calibration.method={method}",
-        f"--calibration.latent_dim={args.latent}", "--calibration.warmup_steps=0", "--train.steps=1000000",
-        "--train.warmup_steps=1", "--train.grad_accum=1", f"--train.log_every={10**6}", *([f"--data.shards={args.data}"] if args.data else []),
-    ])
+    cfg = load_config(
+        args.config,
+        [
+            f"--data.batch_size={args.batch}",
+            f"--model.embed_dim={args.dim}",
+            f"--calibration.method={method}",
+            f"--calibration.latent_dim={args.latent}",
+            "--calibration.warmup_steps=0",
+            "--train.steps=1000000",
+            "--train.warmup_steps=1",
+            "--train.grad_accum=1",
+            f"--train.log_every={10**6}",
+            *([f"--data.shards={args.data}"] if args.data else []),
+        ],
+    )
     cfg.train.out_dir = tempfile.mkdtemp(prefix="bench_share_")
     trainer = build_trainer(cfg, batches=itertools.cycle(batches))
     trainer.batches = trainer._external_batches
@@ -45,16 +56,19 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--latent", type=int, default=64)
     args = parser.parse_args()
-    cfg = load_config(args.config, [f"--data.batch_size={args.batch}",
-                                    *([f"--data.shards={args.data}"] if args.data else [])])
+    cfg = load_config(
+        args.config, [f"--data.batch_size={args.batch}", *([f"--data.shards={args.data}"] if args.data else [])]
+    )
     loader = BatchLoader(cfg.data, 0, 1)
     batches = [next(loader) for _ in range(3)]
     missing = 1 - float(sum(b["present"].float().mean() for b in batches) / len(batches))
     step_cal, calib = run("calmrl", args, batches)
     step_off, _ = run("observed_only", args, batches)
     share = calib / step_cal
-    print(f"B={args.batch}/rank, dim {args.dim}, latent {args.latent}, {missing:.0%} of entries missing, "
-          f"median of {args.steps} steps")
+    print(
+        f"B={args.batch}/rank, dim {args.dim}, latent {args.latent}, {missing:.0%} of entries missing, "
+        f"median of {args.steps} steps"
+    )
     print(f"  step with calibration    : {step_cal * 1e3:8.1f} ms (calibrator {calib * 1e3:.1f} ms inside)")
     print(f"  step without calibration : {step_off * 1e3:8.1f} ms (delta {100 * (step_cal / step_off - 1):+.1f}%)")
     print(f"calibrator share of the step: {100 * share:.1f}% ({'meets' if share <= 0.05 else 'misses'} the 5% goal)")

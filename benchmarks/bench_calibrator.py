@@ -62,7 +62,9 @@ def time_phases(calibrator: Calibrator, z, present, device: torch.device) -> dic
     return {name: 1000.0 * seconds for name, seconds in timings.items()}
 
 
-def run(batch: int, dim: int, latent: int, reps: int, warmup: int, device: str, calibrator_dtype: str) -> dict[str, float]:
+def run(
+    batch: int, dim: int, latent: int, reps: int, warmup: int, device: str, calibrator_dtype: str
+) -> dict[str, float]:
     device = torch.device(device)
     generator = torch.Generator().manual_seed(0)
     calibrator = Calibrator(MODALITIES, dim, latent, dtype=getattr(torch, calibrator_dtype)).to(device)

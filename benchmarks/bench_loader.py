@@ -13,6 +13,7 @@ workers.
 
 Goal: per worker at least 0.9x the bare limit.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -124,14 +125,20 @@ def main() -> None:
         bare_limit(base, 64)  # warm-up: first calls into librosa/numpy FFT plans and PIL plugins
         refs = {"bare": statistics.median(bare_limit(base, args.samples) for _ in range(args.repeats))}
         print(f"{split}: bare limit {refs['bare']:8.1f} samples/s (one process, tarfile + decoders)")
-        refs["batched"] = statistics.median(bare_limit(base, args.samples, batched_mels=True)
-                                            for _ in range(args.repeats))
-        print(f"{split}: bare limit {refs['batched']:8.1f} samples/s with log-mels per batch, as the loader computes them")
+        refs["batched"] = statistics.median(
+            bare_limit(base, args.samples, batched_mels=True) for _ in range(args.repeats)
+        )
+        print(
+            f"{split}: bare limit {refs['batched']:8.1f} samples/s with log-mels per batch, as the loader computes them"
+        )
         if seekable:
-            refs["seek"] = statistics.median(bare_limit(base, args.samples, batched_mels=True, seek=True)
-                                             for _ in range(args.repeats))
-            print(f"{split}: bare limit {refs['seek']:8.1f} samples/s with log-mels per batch and shards read by "
-                  "their layouts, as the loader reads them")
+            refs["seek"] = statistics.median(
+                bare_limit(base, args.samples, batched_mels=True, seek=True) for _ in range(args.repeats)
+            )
+            print(
+                f"{split}: bare limit {refs['seek']:8.1f} samples/s with log-mels per batch and shards read by "
+                "their layouts, as the loader reads them"
+            )
         else:
             print(f"{split}: its shards have no layouts (built before them): rebuild it to read by seeking")
         for workers in (1, 2):
@@ -139,8 +146,10 @@ def main() -> None:
             rate = statistics.median(loader_rate(cfg, args.samples) for _ in range(args.repeats))
             ratios = ", ".join(f"{rate / workers / ref:.2f}x {name}" for name, ref in refs.items())
             print(f"  loader, {workers} worker(s): {rate:8.1f} samples/s; per worker {ratios}")
-    print("goal: >= 0.90x the bare limit per worker (bare: tarfile + per-sample decoding; batched: same decoding as the "
-          "loader; seek: same decoding and reading, so only the framework's own cost remains)")
+    print(
+        "goal: >= 0.90x the bare limit per worker (bare: tarfile + per-sample decoding; batched: same decoding as the "
+        "loader; seek: same decoding and reading, so only the framework's own cost remains)"
+    )
 
 
 if __name__ == "__main__":

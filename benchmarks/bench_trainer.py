@@ -7,6 +7,7 @@ fed by the real shard loader (data-wait share).
 
 Goal: trainer step time / bare step time <= 1.15.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -70,8 +71,13 @@ def main() -> None:
 
     # Same work on both sides: no calibration (the bare loop has none) and no
     # log-step diagnostics (log-likelihood, anchor shift) inside the timed steps.
-    overrides = ["--train.grad_accum=1", f"--train.steps={10**6}", "--train.warmup_steps=1",
-                 "--calibration.method=observed_only", f"--train.log_every={10**6}"]
+    overrides = [
+        "--train.grad_accum=1",
+        f"--train.steps={10**6}",
+        "--train.warmup_steps=1",
+        "--calibration.method=observed_only",
+        f"--train.log_every={10**6}",
+    ]
     if args.data:
         overrides.append(f"--data.shards={args.data}")
     if args.zero_stage is not None:
@@ -92,12 +98,16 @@ def main() -> None:
 
     b, d, rl = statistics.median(bare), statistics.median(ds), statistics.median(real)
     bs = cfg.data.batch_size
-    print(f"config {args.config}: batch {bs}, ZeRO-{cfg.train.zero_stage}, {cfg.train.precision}, "
-          f"{torch.get_num_threads()} threads, median of {len(bare)} steps")
+    print(
+        f"config {args.config}: batch {bs}, ZeRO-{cfg.train.zero_stage}, {cfg.train.precision}, "
+        f"{torch.get_num_threads()} threads, median of {len(bare)} steps"
+    )
     print(f"  bare PyTorch loop      : {1 / b:7.2f} steps/s {bs / b:8.1f} samples/s ({b * 1e3:.1f} ms/step)")
     print(f"  DeepSpeed trainer      : {1 / d:7.2f} steps/s {bs / d:8.1f} samples/s ({d * 1e3:.1f} ms/step)")
-    print(f"  trainer + shard loader : {1 / rl:7.2f} steps/s {bs / rl:8.1f} samples/s ({rl * 1e3:.1f} ms/step), "
-          f"data wait {100 * sum(waits) / sum(real):.1f}% of step time")
+    print(
+        f"  trainer + shard loader : {1 / rl:7.2f} steps/s {bs / rl:8.1f} samples/s ({rl * 1e3:.1f} ms/step), "
+        f"data wait {100 * sum(waits) / sum(real):.1f}% of step time"
+    )
     ratio = d / b
     verdict = "meets" if ratio <= 1.15 else "misses"
     print(f"trainer/bare step-time ratio {ratio:.3f} ({verdict} the 1.15 goal)")

@@ -13,6 +13,7 @@ because this script crashes it on gloo (heap corruption: "malloc(): unaligned
 tcache chunk detected", exit code -6 or -11; the other rank then fails with
 "Connection reset by peer"). Prints one line per run and a summary.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -78,8 +79,10 @@ def main() -> int:
         codes = [p.exitcode for p in procs]
         ok = codes == [0, 0]
         crashed += not ok
-        print(f"run {run}: {'ok' if ok else 'CRASHED'}  exit codes {codes}  {time.perf_counter() - start:.0f}s",
-              flush=True)
+        print(
+            f"run {run}: {'ok' if ok else 'CRASHED'}  exit codes {codes}  {time.perf_counter() - start:.0f}s",
+            flush=True,
+        )
     print(f"gather_stress impl={args.impl}: {crashed}/{args.runs} runs of {args.steps} steps crashed")
     return 1 if crashed else 0
 

@@ -1,12 +1,13 @@
 """The `calmrl` command line.
 
-    calmrl data build --source synthetic|tuxpaint|folder|jsonl --out DIR [--input PATH] [--shard-size N]
-    calmrl train CONFIG [--nproc N] [--resume latest|TAG] [--section.key=value ...]
-    calmrl eval RUN_DIR --data SPLIT_DIR [--checkpoint TAG] [--out DIR]
-    calmrl launch slurm CONFIG --nodes N --gpus-per-node G [--partition P] [--time T] [--dry-run]
-    calmrl launch k8s CONFIG [--workers N] [--gpus-per-worker G] [--image IMAGE] [--out FILE] [--sweep SWEEP.yaml]
-    calmrl sweep SWEEP.yaml [--resume | --no-resume]
-    calmrl benchmark [--preset P] [--out DIR] [--seeds 0,1] [--rates 0.5,0.7] [--section.key=value ...]"""
+calmrl data build --source synthetic|tuxpaint|folder|jsonl --out DIR [--input PATH] [--shard-size N]
+calmrl train CONFIG [--nproc N] [--resume latest|TAG] [--section.key=value ...]
+calmrl eval RUN_DIR --data SPLIT_DIR [--checkpoint TAG] [--out DIR]
+calmrl launch slurm CONFIG --nodes N --gpus-per-node G [--partition P] [--time T] [--dry-run]
+calmrl launch k8s CONFIG [--workers N] [--gpus-per-worker G] [--image IMAGE] [--out FILE] [--sweep SWEEP.yaml]
+calmrl sweep SWEEP.yaml [--resume | --no-resume]
+calmrl benchmark [--preset P] [--out DIR] [--seeds 0,1] [--rates 0.5,0.7] [--section.key=value ...]"""
+
 # The top of the import graph: this module may import every package; nothing
 # imports it. Each command imports what it needs when it runs, so `calmrl --help`
 # and the launchers stay light.
@@ -47,10 +48,15 @@ def _build_local(args: argparse.Namespace, out) -> int:
 
     try:
         opts = BuildOptions(
-            out=out, shard_size=args.shard_size, seed=args.seed,
-            input=Path(args.input) if args.input else None, cache=Path(args.cache) if args.cache else None,
+            out=out,
+            shard_size=args.shard_size,
+            seed=args.seed,
+            input=Path(args.input) if args.input else None,
+            cache=Path(args.cache) if args.cache else None,
             split_fractions=parse_split_fractions(args.split_fractions) if args.split_fractions else None,
-            skip_bad=args.skip_bad, num_samples=args.num_samples, image_size=args.image_size,
+            skip_bad=args.skip_bad,
+            num_samples=args.num_samples,
+            image_size=args.image_size,
             missing=parse_missing(args.missing) if args.missing else None,
         )
         report = SOURCES[args.source](opts)
@@ -88,8 +94,10 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     if trainer.rank == 0 and history:
         last = history[-1]
         mean_sps = sum(h.samples_per_s for h in history) / len(history)
-        print(f"trained to step {trainer.step}/{cfg.train.steps}: loss {history[0].loss:.4f} -> {last.loss:.4f}, "
-              f"{mean_sps:.1f} samples/s, checkpoint {trainer.out_dir / 'checkpoints'}")
+        print(
+            f"trained to step {trainer.step}/{cfg.train.steps}: loss {history[0].loss:.4f} -> {last.loss:.4f}, "
+            f"{mean_sps:.1f} samples/s, checkpoint {trainer.out_dir / 'checkpoints'}"
+        )
     return 0
 
 
@@ -104,21 +112,37 @@ def cmd_eval(args: argparse.Namespace) -> int:
     results = evaluate_run(args.run_dir, args.data, args.checkpoint)
     path = write_results(results, args.out or RunDir(args.run_dir).eval_dir)
     print(markdown_table(results))
-    print(f"eval of {results['checkpoint']} on {results['num_complete']} complete instances: "
-          f"mean R@1 {results['mean_R@1']:.3f} (written to {path})")
+    print(
+        f"eval of {results['checkpoint']} on {results['num_complete']} complete instances: "
+        f"mean R@1 {results['mean_R@1']:.3f} (written to {path})"
+    )
     return 0
 
 
 def add_sweep_parser(subparsers: Any) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("sweep", help="run a Ray Tune sweep of distributed training runs",
-                              description="Run (or resume) the sweep a SWEEP.yaml describes; see cluster/sweep/__init__.py.")
+    p = subparsers.add_parser(
+        "sweep",
+        help="run a Ray Tune sweep of distributed training runs",
+        description="Run (or resume) the sweep a SWEEP.yaml describes; see cluster/sweep/__init__.py.",
+    )
     p.add_argument("sweep_file")
     group = p.add_mutually_exclusive_group()
-    group.add_argument("--resume", dest="resume", action="store_const", const="always", default="auto",
-                       help="resume the sweep in out_dir (an error if there is none); the default resumes "
-                            "when there is one and starts a new sweep otherwise")
-    group.add_argument("--no-resume", dest="resume", action="store_const", const="never",
-                       help="never resume: an error if out_dir already holds a sweep")
+    group.add_argument(
+        "--resume",
+        dest="resume",
+        action="store_const",
+        const="always",
+        default="auto",
+        help="resume the sweep in out_dir (an error if there is none); the default resumes "
+        "when there is one and starts a new sweep otherwise",
+    )
+    group.add_argument(
+        "--no-resume",
+        dest="resume",
+        action="store_const",
+        const="never",
+        help="never resume: an error if out_dir already holds a sweep",
+    )
     return p
 
 
@@ -135,17 +159,34 @@ def add_benchmark_parser(sub: Any) -> None:
     import evals.benchmark
     from evals.benchmark.presets import METHODS, PRESETS
 
-    p = sub.add_parser("benchmark", help="the missing-modality benchmark: 5 methods x missing rates x seeds",
-                       description=(evals.benchmark.__doc__ or "") + "\nExtra --section.key=value arguments override every run's config "
-                       "(ablations, e.g. --loss.objective=gram --calibration.latent_dim=8).",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="full", choices=sorted(PRESETS),
-                   help="full (Tux Paint and synthetic), tuxpaint, synthetic, or quick (the test suite's)")
+    p = sub.add_parser(
+        "benchmark",
+        help="the missing-modality benchmark: 5 methods x missing rates x seeds",
+        description=(evals.benchmark.__doc__ or "")
+        + "\nExtra --section.key=value arguments override every run's config "
+        "(ablations, e.g. --loss.objective=gram --calibration.latent_dim=8).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--preset",
+        default="full",
+        choices=sorted(PRESETS),
+        help="full (Tux Paint and synthetic), tuxpaint, synthetic, or quick (the test suite's)",
+    )
     p.add_argument("--out", default=None, help="output folder (default runs/benchmark-PRESET); reruns resume")
-    p.add_argument("--data-root", action="append", default=[], metavar="NAME=DIR",
-                   help="where a data set's shards are (e.g. synthetic=/tmp/syn); built there when missing")
-    p.add_argument("--cache", default=None, help="where frozen-tower outputs are cached "
-                   "(default $CALMRL_CACHE/benchmark or ~/.cache/calmrl/benchmark); named by content")
+    p.add_argument(
+        "--data-root",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="where a data set's shards are (e.g. synthetic=/tmp/syn); built there when missing",
+    )
+    p.add_argument(
+        "--cache",
+        default=None,
+        help="where frozen-tower outputs are cached "
+        "(default $CALMRL_CACHE/benchmark or ~/.cache/calmrl/benchmark); named by content",
+    )
     p.add_argument("--seeds", default=None, help="comma-separated seeds (default: the preset's)")
     p.add_argument("--rates", default=None, help="comma-separated extra missing rates (default: the preset's)")
     p.add_argument("--methods", default=None, help=f"comma-separated subset of {','.join(METHODS)}")
@@ -165,11 +206,15 @@ def cmd_benchmark(args: argparse.Namespace, overrides: list[str] | None = None) 
     for item in args.data_root:
         name, sep, root = item.partition("=")
         if not sep or name not in {d.name for d in preset.datasets}:
-            raise SystemExit(f"calmrl benchmark: --data-root '{item}': expected NAME=DIR with NAME one of "
-                             f"{', '.join(d.name for d in preset.datasets)}")
+            raise SystemExit(
+                f"calmrl benchmark: --data-root '{item}': expected NAME=DIR with NAME one of "
+                f"{', '.join(d.name for d in preset.datasets)}"
+            )
         roots[name] = root
-    changes: dict[str, Any] = {"datasets": tuple(replace(d, root=roots.get(d.name, d.root)) for d in preset.datasets),
-                               "overrides": (*preset.overrides, *(overrides or []))}
+    changes: dict[str, Any] = {
+        "datasets": tuple(replace(d, root=roots.get(d.name, d.root)) for d in preset.datasets),
+        "overrides": (*preset.overrides, *(overrides or [])),
+    }
     if args.seeds:
         changes["seeds"] = tuple(int(s) for s in args.seeds.split(","))
     if args.rates:
@@ -178,8 +223,9 @@ def cmd_benchmark(args: argparse.Namespace, overrides: list[str] | None = None) 
         methods = tuple(args.methods.split(","))
         unknown = set(methods) - set(METHODS)
         if unknown:
-            raise SystemExit(f"calmrl benchmark: unknown method(s) {', '.join(sorted(unknown))}; "
-                             f"choose from {', '.join(METHODS)}")
+            raise SystemExit(
+                f"calmrl benchmark: unknown method(s) {', '.join(sorted(unknown))}; choose from {', '.join(METHODS)}"
+            )
         changes["methods"] = methods
     preset = replace(preset, **changes)
     run_benchmark(preset, Path(args.out or f"runs/benchmark-{args.preset}"), Path(args.cache) if args.cache else None)
@@ -187,39 +233,59 @@ def cmd_benchmark(args: argparse.Namespace, overrides: list[str] | None = None) 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="calmrl", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="calmrl", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     data = sub.add_parser("data", help="build shard sets").add_subparsers(dest="data_command", required=True)
     build = data.add_parser("build", help="write WebDataset shards (train/val/test) and an index")
     from data_pipeline.sources import SOURCES  # the registry only: builders load on use
 
-    build.add_argument("--source", required=True, choices=sorted(SOURCES),
-                       help="synthetic (generated), tuxpaint (the built-in real data set, a Debian package), "
-                            "folder (NAME.png/.txt/.wav files), jsonl (a manifest)")
+    build.add_argument(
+        "--source",
+        required=True,
+        choices=sorted(SOURCES),
+        help="synthetic (generated), tuxpaint (the built-in real data set, a Debian package), "
+        "folder (NAME.png/.txt/.wav files), jsonl (a manifest)",
+    )
     build.add_argument("--out", required=True, help="output folder (train/, val/, test/, tokenizer.json)")
     build.add_argument("--shard-size", type=int, default=250, help="samples per shard")
     build.add_argument("--input", default=None, help="folder (--source folder) or manifest (--source jsonl)")
-    build.add_argument("--cache", default=None,
-                       help="download cache for tuxpaint (default $CALMRL_CACHE or ~/.cache/calmrl)")
-    build.add_argument("--seed", type=int, default=0,
-                       help="synthetic: generator seed; other sources: salt of the split hash (0: none)")
-    build.add_argument("--split-fractions", default=None,
-                       help="train,val,test fractions, by hash of each record's key (default 0.8,0.1,0.1)")
-    build.add_argument("--skip-bad", action="store_true",
-                       help="count and skip records whose files do not decode, instead of stopping")
+    build.add_argument(
+        "--cache", default=None, help="download cache for tuxpaint (default $CALMRL_CACHE or ~/.cache/calmrl)"
+    )
+    build.add_argument(
+        "--seed", type=int, default=0, help="synthetic: generator seed; other sources: salt of the split hash (0: none)"
+    )
+    build.add_argument(
+        "--split-fractions",
+        default=None,
+        help="train,val,test fractions, by hash of each record's key (default 0.8,0.1,0.1)",
+    )
+    build.add_argument(
+        "--skip-bad", action="store_true", help="count and skip records whose files do not decode, instead of stopping"
+    )
     build.add_argument("--num-samples", type=int, default=None, help="synthetic only (default 2000)")
     build.add_argument("--image-size", type=int, default=None, help="synthetic only (default 32)")
-    build.add_argument("--missing", default=None,
-                       help="synthetic only: image,text,audio missing rates (default 0.2,0.1,0.3; 0,0,0: complete)")
+    build.add_argument(
+        "--missing",
+        default=None,
+        help="synthetic only: image,text,audio missing rates (default 0.2,0.1,0.3; 0,0,0: complete)",
+    )
 
-    train = sub.add_parser("train", help="train (under torchrun, or spawn it with --nproc)",
-                           description="Extra --section.key=value arguments override the config.")
+    train = sub.add_parser(
+        "train",
+        help="train (under torchrun, or spawn it with --nproc)",
+        description="Extra --section.key=value arguments override the config.",
+    )
     train.add_argument("config")
     train.add_argument("--nproc", type=int, default=0, help="spawn torchrun with this many local processes")
-    train.add_argument("--resume", default=None,
-                       help="'latest', a checkpoint folder name, or 'auto' (latest if there is one, else start)")
+    train.add_argument(
+        "--resume",
+        default=None,
+        help="'latest', a checkpoint folder name, or 'auto' (latest if there is one, else start)",
+    )
 
     ev = sub.add_parser("eval", help="evaluate a run's checkpoint on a split")
     ev.add_argument("run_dir")

@@ -41,6 +41,7 @@ others with a PodMonitor). For a sweep the port is Ray's own metrics export
 port (`metrics-export-port`); trials' calmrl endpoints, if enabled, take free
 ports since several trials may share a pod.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -87,8 +88,10 @@ def check_quantity(value: str, what: str) -> str:
 
 def check_name(name: str) -> str:
     if len(name) > MAX_NAME or not _DNS1035.match(name):
-        raise K8sError(f"name '{name}' must be lower-case letters, digits and '-', start with a letter, "
-                       f"end with a letter or digit, and have at most {MAX_NAME} characters")
+        raise K8sError(
+            f"name '{name}' must be lower-case letters, digits and '-', start with a letter, "
+            f"end with a letter or digit, and have at most {MAX_NAME} characters"
+        )
     return name
 
 
@@ -111,9 +114,20 @@ def default_name(config_path: str | Path, sweep: bool = False) -> str:
 class K8sOptions:
     """What `calmrl launch k8s` renders, checked on construction."""
 
-    def __init__(self, name: str, image: str, namespace: str = "default", workers: int = 2,
-                 gpus_per_worker: int = 0, cpu: str = "4", memory: str = "16Gi", shm_size: str = "16Gi",
-                 metrics_port: int = DEFAULT_METRICS_PORT, pvc: str | None = None, max_restarts: int = 3):
+    def __init__(
+        self,
+        name: str,
+        image: str,
+        namespace: str = "default",
+        workers: int = 2,
+        gpus_per_worker: int = 0,
+        cpu: str = "4",
+        memory: str = "16Gi",
+        shm_size: str = "16Gi",
+        metrics_port: int = DEFAULT_METRICS_PORT,
+        pvc: str | None = None,
+        max_restarts: int = 3,
+    ):
         self.name = check_name(name)
         self.namespace = _check_dns(namespace, "--namespace", _DNS1123_LABEL, 63)
         if not image or any(c.isspace() for c in image):
@@ -147,15 +161,20 @@ class K8sOptions:
 # Core objects
 # ---------------------------------------------------------------------------
 def labels(opts: K8sOptions, component: str) -> dict[str, str]:
-    return {"app.kubernetes.io/name": "calmrl", "app.kubernetes.io/instance": opts.name,
-            "app.kubernetes.io/component": component}
+    return {
+        "app.kubernetes.io/name": "calmrl",
+        "app.kubernetes.io/instance": opts.name,
+        "app.kubernetes.io/component": component,
+    }
 
 
 def config_map(opts: K8sOptions, files: dict[str, str]) -> dict[str, Any]:
-    return {"apiVersion": "v1", "kind": "ConfigMap",
-            "metadata": {"name": opts.config_map_name, "namespace": opts.namespace,
-                         "labels": labels(opts, "config")},
-            "data": dict(files)}
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": opts.config_map_name, "namespace": opts.namespace, "labels": labels(opts, "config")},
+        "data": dict(files),
+    }
 
 
 def resources(opts: K8sOptions, gpus: int | None = None) -> dict[str, Any]:
@@ -186,8 +205,10 @@ def volumes(opts: K8sOptions) -> tuple[list[dict[str, Any]], list[dict[str, Any]
 
 def common_env(opts: K8sOptions, gpus: int | None = None) -> list[dict[str, Any]]:
     gpus = opts.gpus_per_worker if gpus is None else gpus
-    env = [{"name": "PYTHONUNBUFFERED", "value": "1"},
-           {"name": "OMP_NUM_THREADS", "value": str(_threads_per_proc(opts.cpu, opts.procs_per_pod))}]
+    env = [
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+        {"name": "OMP_NUM_THREADS", "value": str(_threads_per_proc(opts.cpu, opts.procs_per_pod))},
+    ]
     if gpus == 0:
         env.append({"name": "DS_ACCELERATOR", "value": "cpu"})  # DeepSpeed's CPU accelerator (gloo)
     return env
@@ -207,8 +228,10 @@ def _threads_per_proc(cpu: str, procs: int) -> int:
 
 def metrics_ports(opts: K8sOptions) -> list[dict[str, Any]]:
     """One named port per local rank: local rank i serves on metrics_port + i."""
-    return [{"name": f"metrics-{i}", "containerPort": opts.metrics_port + i, "protocol": "TCP"}
-            for i in range(opts.procs_per_pod)]
+    return [
+        {"name": f"metrics-{i}", "containerPort": opts.metrics_port + i, "protocol": "TCP"}
+        for i in range(opts.procs_per_pod)
+    ]
 
 
 def scrape_annotations(port: int) -> dict[str, str]:
@@ -240,14 +263,18 @@ def pytorch_pod_template(opts: K8sOptions, role: str) -> dict[str, Any]:
         "imagePullPolicy": "IfNotPresent",
         "command": torchrun_command(opts),
         "env": common_env(opts),
-        "ports": [{"name": "pytorchjob-port", "containerPort": PYTORCHJOB_PORT, "protocol": "TCP"},
-                  *metrics_ports(opts)],
+        "ports": [
+            {"name": "pytorchjob-port", "containerPort": PYTORCHJOB_PORT, "protocol": "TCP"},
+            *metrics_ports(opts),
+        ],
         "resources": resources(opts),
         "volumeMounts": mounts,
     }
     return {
-        "metadata": {"labels": {**labels(opts, role.lower()), "calmrl/role": role.lower()},
-                     "annotations": scrape_annotations(opts.metrics_port)},
+        "metadata": {
+            "labels": {**labels(opts, role.lower()), "calmrl/role": role.lower()},
+            "annotations": scrape_annotations(opts.metrics_port),
+        },
         "spec": {"containers": [container], "volumes": vols, "restartPolicy": "OnFailure"},
     }
 
@@ -258,15 +285,25 @@ def pytorch_job(opts: K8sOptions) -> dict[str, Any]:
     }
     spec: dict[str, Any] = {"runPolicy": {"cleanPodPolicy": "Running", "backoffLimit": opts.max_restarts}}
     if opts.workers > 1:
-        replica_specs["Worker"] = {"replicas": opts.workers - 1, "restartPolicy": "OnFailure",
-                                   "template": pytorch_pod_template(opts, "Worker")}
-        spec["elasticPolicy"] = {"rdzvBackend": "c10d", "minReplicas": opts.workers,
-                                 "maxReplicas": opts.workers, "maxRestarts": opts.max_restarts,
-                                 "nProcPerNode": opts.procs_per_pod}
+        replica_specs["Worker"] = {
+            "replicas": opts.workers - 1,
+            "restartPolicy": "OnFailure",
+            "template": pytorch_pod_template(opts, "Worker"),
+        }
+        spec["elasticPolicy"] = {
+            "rdzvBackend": "c10d",
+            "minReplicas": opts.workers,
+            "maxReplicas": opts.workers,
+            "maxRestarts": opts.max_restarts,
+            "nProcPerNode": opts.procs_per_pod,
+        }
     spec["pytorchReplicaSpecs"] = replica_specs
-    return {"apiVersion": "kubeflow.org/v1", "kind": "PyTorchJob",
-            "metadata": {"name": opts.name, "namespace": opts.namespace, "labels": labels(opts, "train")},
-            "spec": spec}
+    return {
+        "apiVersion": "kubeflow.org/v1",
+        "kind": "PyTorchJob",
+        "metadata": {"name": opts.name, "namespace": opts.namespace, "labels": labels(opts, "train")},
+        "spec": spec,
+    }
 
 
 # ---------------------------------------------------------------------------
@@ -275,9 +312,15 @@ def pytorch_job(opts: K8sOptions) -> dict[str, Any]:
 def ray_pod_template(opts: K8sOptions, head: bool) -> dict[str, Any]:
     vols, mounts = volumes(opts)
     gpus = 0 if head else opts.gpus_per_worker
-    ports = ([{"name": "gcs-server", "containerPort": 6379, "protocol": "TCP"},
-              {"name": "dashboard", "containerPort": 8265, "protocol": "TCP"},
-              {"name": "client", "containerPort": 10001, "protocol": "TCP"}] if head else [])
+    ports = (
+        [
+            {"name": "gcs-server", "containerPort": 6379, "protocol": "TCP"},
+            {"name": "dashboard", "containerPort": 8265, "protocol": "TCP"},
+            {"name": "client", "containerPort": 10001, "protocol": "TCP"},
+        ]
+        if head
+        else []
+    )
     container = {
         "name": "ray-head" if head else "ray-worker",
         "image": opts.image,
@@ -288,14 +331,19 @@ def ray_pod_template(opts: K8sOptions, head: bool) -> dict[str, Any]:
         "volumeMounts": mounts,
     }
     role = "ray-head" if head else "ray-worker"
-    return {"metadata": {"labels": {**labels(opts, role), "calmrl/role": role},
-                         "annotations": scrape_annotations(opts.metrics_port)},
-            "spec": {"containers": [container], "volumes": vols}}
+    return {
+        "metadata": {
+            "labels": {**labels(opts, role), "calmrl/role": role},
+            "annotations": scrape_annotations(opts.metrics_port),
+        },
+        "spec": {"containers": [container], "volumes": vols},
+    }
 
 
 def ray_job(opts: K8sOptions) -> dict[str, Any]:
     return {
-        "apiVersion": "ray.io/v1", "kind": "RayJob",
+        "apiVersion": "ray.io/v1",
+        "kind": "RayJob",
         "metadata": {"name": opts.name, "namespace": opts.namespace, "labels": labels(opts, "sweep")},
         "spec": {
             "entrypoint": f"calmrl sweep {SWEEP_PATH}",
@@ -305,16 +353,23 @@ def ray_job(opts: K8sOptions) -> dict[str, Any]:
                 "rayVersion": RAY_VERSION,
                 "headGroupSpec": {
                     # No training on the head: trials' workers go to the worker group.
-                    "rayStartParams": {"dashboard-host": "0.0.0.0", "num-cpus": "0",
-                                       "metrics-export-port": str(opts.metrics_port)},
+                    "rayStartParams": {
+                        "dashboard-host": "0.0.0.0",
+                        "num-cpus": "0",
+                        "metrics-export-port": str(opts.metrics_port),
+                    },
                     "template": ray_pod_template(opts, head=True),
                 },
-                "workerGroupSpecs": [{
-                    "groupName": "trainers",
-                    "replicas": opts.workers, "minReplicas": opts.workers, "maxReplicas": opts.workers,
-                    "rayStartParams": {"metrics-export-port": str(opts.metrics_port)},
-                    "template": ray_pod_template(opts, head=False),
-                }],
+                "workerGroupSpecs": [
+                    {
+                        "groupName": "trainers",
+                        "replicas": opts.workers,
+                        "minReplicas": opts.workers,
+                        "maxReplicas": opts.workers,
+                        "rayStartParams": {"metrics-export-port": str(opts.metrics_port)},
+                        "template": ray_pod_template(opts, head=False),
+                    }
+                ],
             },
         },
     }
@@ -370,12 +425,16 @@ def path_notes(cfg: Config, opts: K8sOptions) -> list[str]:
 
     notes = []
     if not is_remote(cfg.data.shards) and not Path(cfg.data.shards).is_absolute():
-        notes.append(f"data.shards '{cfg.data.shards}' is relative: the pods read it from the image's working "
-                     f"directory (use s3:// or a path under a mounted claim, e.g. --pvc and {PVC_MOUNT}/...)")
+        notes.append(
+            f"data.shards '{cfg.data.shards}' is relative: the pods read it from the image's working "
+            f"directory (use s3:// or a path under a mounted claim, e.g. --pvc and {PVC_MOUNT}/...)"
+        )
     out = cfg.train.out_dir
     if opts.workers > 1 and not (opts.pvc and out.startswith(PVC_MOUNT + "/")):
-        notes.append(f"train.out_dir '{out}' is not on a shared volume: with {opts.workers} pods, checkpoints "
-                     f"need one (--pvc CLAIM and --train.out_dir={PVC_MOUNT}/...)")
+        notes.append(
+            f"train.out_dir '{out}' is not on a shared volume: with {opts.workers} pods, checkpoints "
+            f"need one (--pvc CLAIM and --train.out_dir={PVC_MOUNT}/...)"
+        )
     return notes
 
 
@@ -391,9 +450,11 @@ def render(cfg: Config, opts: K8sOptions, sweep_path: str | Path | None = None) 
 # ---------------------------------------------------------------------------
 def add_k8s_parser(launch_subparsers: Any) -> argparse.ArgumentParser:
     p = launch_subparsers.add_parser(
-        "k8s", help="render a Kubeflow PyTorchJob (or with --sweep a KubeRay RayJob) as YAML",
+        "k8s",
+        help="render a Kubeflow PyTorchJob (or with --sweep a KubeRay RayJob) as YAML",
         description="Render Kubernetes manifests (ConfigMap + PyTorchJob, or ConfigMap + RayJob with --sweep). "
-                    "Extra --section.key=value arguments override the config.")
+        "Extra --section.key=value arguments override the config.",
+    )
     p.add_argument("config")
     p.add_argument("--name", default=None, help="object name (default calmrl-CONFIG_STEM)")
     p.add_argument("--image", default="calmrl:latest", help="container image with calmrl installed")
@@ -403,8 +464,12 @@ def add_k8s_parser(launch_subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--cpu", default="4", help="CPU request/limit per pod (quantity)")
     p.add_argument("--memory", default="16Gi", help="memory request/limit per pod (quantity)")
     p.add_argument("--shm-size", default="16Gi", help="size limit of the memory-backed /dev/shm")
-    p.add_argument("--metrics-port", type=int, default=None,
-                   help=f"Prometheus port of local rank 0 (default: the config's, or {DEFAULT_METRICS_PORT})")
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help=f"Prometheus port of local rank 0 (default: the config's, or {DEFAULT_METRICS_PORT})",
+    )
     p.add_argument("--pvc", default=None, help=f"PersistentVolumeClaim to mount at {PVC_MOUNT} (shared out_dir)")
     p.add_argument("--out", default=None, help="write the YAML here (atomically) instead of stdout")
     p.add_argument("--sweep", default=None, help="render a RayJob running `calmrl sweep` on this sweep file")
@@ -414,9 +479,16 @@ def add_k8s_parser(launch_subparsers: Any) -> argparse.ArgumentParser:
 def options_from_args(args: argparse.Namespace, cfg: Config) -> K8sOptions:
     port = args.metrics_port if args.metrics_port is not None else (cfg.metrics.port or DEFAULT_METRICS_PORT)
     return K8sOptions(
-        name=args.name or default_name(args.config, sweep=args.sweep is not None), image=args.image,
-        namespace=args.namespace, workers=args.workers, gpus_per_worker=args.gpus_per_worker, cpu=args.cpu,
-        memory=args.memory, shm_size=args.shm_size, metrics_port=port, pvc=args.pvc,
+        name=args.name or default_name(args.config, sweep=args.sweep is not None),
+        image=args.image,
+        namespace=args.namespace,
+        workers=args.workers,
+        gpus_per_worker=args.gpus_per_worker,
+        cpu=args.cpu,
+        memory=args.memory,
+        shm_size=args.shm_size,
+        metrics_port=port,
+        pvc=args.pvc,
     )
 
 
@@ -428,8 +500,10 @@ def cmd_launch_k8s(args: argparse.Namespace, overrides: list[str]) -> int:
     if args.sweep:
         out_dir = str(yaml.safe_load(Path(args.sweep).read_text()).get("out_dir", ""))
         if not out_dir.startswith(PVC_MOUNT + "/"):
-            notes.append(f"the sweep's out_dir '{out_dir}' should be on storage every Ray pod shares "
-                         f"(--pvc CLAIM and out_dir: {PVC_MOUNT}/...)")
+            notes.append(
+                f"the sweep's out_dir '{out_dir}' should be on storage every Ray pod shares "
+                f"(--pvc CLAIM and out_dir: {PVC_MOUNT}/...)"
+            )
     for note in notes:
         print(f"calmrl: note: {note}", file=sys.stderr)
     text = to_yaml_stream(objects)

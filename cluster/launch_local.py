@@ -1,4 +1,5 @@
 """Local multi-process launch: re-run the `calmrl train` command under torchrun."""
+
 from __future__ import annotations
 
 import os
@@ -11,10 +12,17 @@ from pretrain.runtime import free_port, threads_per_process
 def torchrun_command(nproc: int, train_args: list[str], port: int | None = None) -> list[str]:
     """torchrun on loopback (static rendezvous on 127.0.0.1) running `calmrl train ARGS`."""
     return [
-        sys.executable, "-m", "torch.distributed.run",
-        "--nnodes=1", f"--nproc-per-node={nproc}",
-        "--master-addr=127.0.0.1", f"--master-port={port or free_port()}",
-        "-m", "cluster.cli", "train", *train_args,
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes=1",
+        f"--nproc-per-node={nproc}",
+        "--master-addr=127.0.0.1",
+        f"--master-port={port or free_port()}",
+        "-m",
+        "cluster.cli",
+        "train",
+        *train_args,
     ]
 
 

@@ -42,6 +42,7 @@ these, and tests/test_metrics.py checks that every query returns data):
 Counters and the histogram are created at zero when the exporter starts, so
 they exist (and rates are defined) before the first step.
 """
+
 from __future__ import annotations
 
 import math
@@ -156,31 +157,42 @@ class MetricsExporter:
 
     def _build_metrics(self) -> None:
         r, reg = ["rank"], self.registry
-        self.samples_per_second = Gauge("calmrl_samples_per_second",
-                                        "Global samples per second of the last optimizer step", r, registry=reg)
-        self.step_time = Histogram("calmrl_step_time_seconds", "Wall time of an optimizer step", r,
-                                   buckets=STEP_TIME_BUCKETS, registry=reg)
+        self.samples_per_second = Gauge(
+            "calmrl_samples_per_second", "Global samples per second of the last optimizer step", r, registry=reg
+        )
+        self.step_time = Histogram(
+            "calmrl_step_time_seconds", "Wall time of an optimizer step", r, buckets=STEP_TIME_BUCKETS, registry=reg
+        )
         self.data_wait = Counter("calmrl_data_wait_seconds", "Time spent waiting for batches", r, registry=reg)
-        self.data_wait_ratio = Gauge("calmrl_data_wait_ratio",
-                                     "Share of the last step spent waiting for data", r, registry=reg)
-        self.completion = Counter("calmrl_completion_seconds",
-                                  "Time spent completing missing modalities (calibrator or baseline fill)",
-                                  r, registry=reg)
-        self.loss = Gauge("calmrl_loss", "Loss of the last step: total and each term", ["rank", "term"],
-                          registry=reg)
-        self.present = Counter("calmrl_present_samples", "Samples that had the modality",
-                               ["rank", "modality"], registry=reg)
-        self.imputed = Counter("calmrl_imputed_samples", "Samples whose missing modality was imputed",
-                               ["rank", "modality"], registry=reg)
+        self.data_wait_ratio = Gauge(
+            "calmrl_data_wait_ratio", "Share of the last step spent waiting for data", r, registry=reg
+        )
+        self.completion = Counter(
+            "calmrl_completion_seconds",
+            "Time spent completing missing modalities (calibrator or baseline fill)",
+            r,
+            registry=reg,
+        )
+        self.loss = Gauge("calmrl_loss", "Loss of the last step: total and each term", ["rank", "term"], registry=reg)
+        self.present = Counter(
+            "calmrl_present_samples", "Samples that had the modality", ["rank", "modality"], registry=reg
+        )
+        self.imputed = Counter(
+            "calmrl_imputed_samples", "Samples whose missing modality was imputed", ["rank", "modality"], registry=reg
+        )
         self.bad_samples = Counter("calmrl_bad_samples", "Bad samples skipped by the reader", r, registry=reg)
-        self.log_likelihood = Gauge("calmrl_calibrator_log_likelihood",
-                                    "Calibrator log-likelihood of the last batch", r, registry=reg)
-        self.sigma2 = Gauge("calmrl_calibrator_sigma2", "Calibrator noise variance per modality",
-                            ["rank", "modality"], registry=reg)
-        self.anchor_shift = Gauge("calmrl_anchor_shift", "Anchor shift (mean |u - u_O|)", ["rank", "kind"],
-                                  registry=reg)
-        self.last_step_time = Gauge("calmrl_last_step_timestamp_seconds",
-                                    "Unix time at the end of the last optimizer step", r, registry=reg)
+        self.log_likelihood = Gauge(
+            "calmrl_calibrator_log_likelihood", "Calibrator log-likelihood of the last batch", r, registry=reg
+        )
+        self.sigma2 = Gauge(
+            "calmrl_calibrator_sigma2", "Calibrator noise variance per modality", ["rank", "modality"], registry=reg
+        )
+        self.anchor_shift = Gauge(
+            "calmrl_anchor_shift", "Anchor shift (mean |u - u_O|)", ["rank", "kind"], registry=reg
+        )
+        self.last_step_time = Gauge(
+            "calmrl_last_step_timestamp_seconds", "Unix time at the end of the last optimizer step", r, registry=reg
+        )
         self.step = Gauge("calmrl_step", "Optimizer steps done", r, registry=reg)
         self.learning_rate = Gauge("calmrl_learning_rate", "Learning rate of the last step", r, registry=reg)
         self.logit_scale = Gauge("calmrl_logit_scale", "Logit scale (inverse temperature)", r, registry=reg)
@@ -235,11 +247,11 @@ class MetricsExporter:
             if key == "loss":
                 gauge(self.loss, key, "total")
             elif key.startswith("loss/"):
-                gauge(self.loss, key, key[len("loss/"):])
+                gauge(self.loss, key, key[len("loss/") :])
             elif key.startswith("anchor_shift/"):
-                gauge(self.anchor_shift, key, key[len("anchor_shift/"):])
+                gauge(self.anchor_shift, key, key[len("anchor_shift/") :])
             elif key.startswith("calibrator/sigma2/"):
-                gauge(self.sigma2, key, key[len("calibrator/sigma2/"):])
+                gauge(self.sigma2, key, key[len("calibrator/sigma2/") :])
             elif key.startswith(("present/", "imputed/")):
                 count = _number(record[key])
                 if count is not None and math.isfinite(count) and count > 0:

@@ -24,6 +24,7 @@ script is rendered and written atomically to `<train.out_dir>/slurm/job.sbatch`:
 submits nothing; otherwise `sbatch --parsable` submits it and the job id, the
 log path and how to follow it are printed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,8 +43,11 @@ SCRIPT_NAME = "job.sbatch"
 MASTER_PORT_BASE = 15000  # rendezvous port = base + job id % span, unless --master-port
 MASTER_PORT_SPAN = 10000  # stays below the usual ephemeral range (32768+) and away from metrics (9400+)
 SBATCH_TIMEOUT_S = 120
-_TIME_RE = re.compile(r"^(\d+|\d+:\d{1,2}|\d+:\d{1,2}:\d{1,2}|\d+-\d+|\d+-\d+:\d{1,2}|\d+-\d+:\d{1,2}:\d{1,2}"
-                      r"|INFINITE|UNLIMITED)$", re.IGNORECASE)
+_TIME_RE = re.compile(
+    r"^(\d+|\d+:\d{1,2}|\d+:\d{1,2}:\d{1,2}|\d+-\d+|\d+-\d+:\d{1,2}|\d+-\d+:\d{1,2}:\d{1,2}"
+    r"|INFINITE|UNLIMITED)$",
+    re.IGNORECASE,
+)
 _WORD_RE = re.compile(r"^[A-Za-z0-9_.,:+@%=-]+$")  # safe on an #SBATCH line (no spaces, quotes, newlines)
 
 
@@ -101,65 +105,82 @@ def render_sbatch(job: SlurmJob, command_line: str | None = None) -> str:
         sb.append(f"--partition={job.partition}")
     if job.time:
         sb.append(f"--time={job.time}")
-    sb += [f"--output={job.output}", f"--chdir={job.workdir}",
-           # Slurm's default, stated: the job needs this environment (TORCH_EXTENSIONS_DIR, AWS_*, PATH).
-           "--export=ALL"]
-    port = (str(job.master_port) if job.master_port
-            else f"$(( {MASTER_PORT_BASE} + SLURM_JOB_ID % {MASTER_PORT_SPAN} ))")
-    srun = ["srun", "--nodes=\"$SLURM_NNODES\"", "--ntasks=\"$SLURM_NNODES\"", "--ntasks-per-node=1",
-            "--kill-on-bad-exit=1"]
+    sb += [
+        f"--output={job.output}",
+        f"--chdir={job.workdir}",
+        # Slurm's default, stated: the job needs this environment (TORCH_EXTENSIONS_DIR, AWS_*, PATH).
+        "--export=ALL",
+    ]
+    port = str(job.master_port) if job.master_port else f"$(( {MASTER_PORT_BASE} + SLURM_JOB_ID % {MASTER_PORT_SPAN} ))"
+    srun = [
+        "srun",
+        '--nodes="$SLURM_NNODES"',
+        '--ntasks="$SLURM_NNODES"',
+        "--ntasks-per-node=1",
+        "--kill-on-bad-exit=1",
+    ]
     if job.cpus_per_task:
         # Since Slurm 22.05 srun no longer inherits sbatch's --cpus-per-task.
         srun.append(f"--cpus-per-task={job.cpus_per_task}")
-    torchrun = ['"$PYTHON"', "-m", "torch.distributed.run",
-                '--nnodes "$SLURM_NNODES"', '--nproc-per-node "$NPROC_PER_NODE"',
-                "--rdzv-backend c10d", '--rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT"',
-                '--rdzv-id "$SLURM_JOB_ID"', "--max-restarts 0"]
+    torchrun = [
+        '"$PYTHON"',
+        "-m",
+        "torch.distributed.run",
+        '--nnodes "$SLURM_NNODES"',
+        '--nproc-per-node "$NPROC_PER_NODE"',
+        "--rdzv-backend c10d",
+        '--rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT"',
+        '--rdzv-id "$SLURM_JOB_ID"',
+        "--max-restarts 0",
+    ]
     train = ["-m", "cluster.cli", *(_q(a) for a in job.train_args())]
-    mode = (f"{job.gpus_per_node} GPU(s) per node" if not cpu
-            else f"CPU only, {job.nproc_per_node} process(es) per node")
+    mode = f"{job.gpus_per_node} GPU(s) per node" if not cpu else f"CPU only, {job.nproc_per_node} process(es) per node"
     if command_line:
         command_line = command_line.replace("\r", "\\r").replace("\n", "\\n")  # stays one comment line
-    lines = ["#!/bin/bash",
-             "# Written by `calmrl launch slurm`" + (f": {command_line}" if command_line else ""),
-             f"# {job.nodes} node(s), {mode}, world size {job.world_size}.",
-             *(f"#SBATCH {s}" for s in sb),
-             "",
-             "set -eu  # no pipefail: `head -n1` below may close scontrol's pipe early",
-             "",
-             f"PYTHON={_q(job.python)}",
-             f"NPROC_PER_NODE={job.nproc_per_node}",
-             "",
-             "# c10d rendezvous on the first node of the allocation.",
-             'MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)"',
-             '[ -n "$MASTER_ADDR" ] || { echo "calmrl: no first node in \'$SLURM_JOB_NODELIST\'" >&2; exit 1; }',
-             f"MASTER_PORT={port}",
-             "export MASTER_ADDR MASTER_PORT",
-             "",
-             "# NCCL: fail fast on a lost peer instead of hanging; warnings only.",
-             "export NCCL_ASYNC_ERROR_HANDLING=1",
-             "export TORCH_NCCL_ASYNC_ERROR_HANDLING=1",
-             'export NCCL_DEBUG="${NCCL_DEBUG:-WARN}"',
-             "# Threads per rank: the task's CPUs shared by the node's ranks.",
-             'CPUS="${SLURM_CPUS_PER_TASK:-${SLURM_CPUS_ON_NODE:-1}}"',
-             "export OMP_NUM_THREADS=$(( CPUS / NPROC_PER_NODE > 0 ? CPUS / NPROC_PER_NODE : 1 ))",
-             "export PYTHONUNBUFFERED=1"]
+    lines = [
+        "#!/bin/bash",
+        "# Written by `calmrl launch slurm`" + (f": {command_line}" if command_line else ""),
+        f"# {job.nodes} node(s), {mode}, world size {job.world_size}.",
+        *(f"#SBATCH {s}" for s in sb),
+        "",
+        "set -eu  # no pipefail: `head -n1` below may close scontrol's pipe early",
+        "",
+        f"PYTHON={_q(job.python)}",
+        f"NPROC_PER_NODE={job.nproc_per_node}",
+        "",
+        "# c10d rendezvous on the first node of the allocation.",
+        'MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)"',
+        '[ -n "$MASTER_ADDR" ] || { echo "calmrl: no first node in \'$SLURM_JOB_NODELIST\'" >&2; exit 1; }',
+        f"MASTER_PORT={port}",
+        "export MASTER_ADDR MASTER_PORT",
+        "",
+        "# NCCL: fail fast on a lost peer instead of hanging; warnings only.",
+        "export NCCL_ASYNC_ERROR_HANDLING=1",
+        "export TORCH_NCCL_ASYNC_ERROR_HANDLING=1",
+        'export NCCL_DEBUG="${NCCL_DEBUG:-WARN}"',
+        "# Threads per rank: the task's CPUs shared by the node's ranks.",
+        'CPUS="${SLURM_CPUS_PER_TASK:-${SLURM_CPUS_ON_NODE:-1}}"',
+        "export OMP_NUM_THREADS=$(( CPUS / NPROC_PER_NODE > 0 ? CPUS / NPROC_PER_NODE : 1 ))",
+        "export PYTHONUNBUFFERED=1",
+    ]
     if cpu:
         lines.append("export DS_ACCELERATOR=cpu  # no GPU requested: DeepSpeed's CPU accelerator, gloo")
     else:  # a CPU setting exported from the submit host must not reach GPU ranks
         lines.append('if [ "${DS_ACCELERATOR:-}" = cpu ]; then unset DS_ACCELERATOR; fi')
     lines += [f"export {k}={_q(v)}" for k, v in sorted(job.extra_env.items())]
-    lines += ["",
-              'echo "calmrl: job $SLURM_JOB_ID on $SLURM_NNODES node(s) ($SLURM_JOB_NODELIST),'
-              ' $NPROC_PER_NODE rank(s) per node, rendezvous $MASTER_ADDR:$MASTER_PORT,'
-              f' metrics on port {job.metrics_port} + local rank"',
-              "",
-              " ".join(srun) + " \\",
-              "    " + " ".join(torchrun[:3]) + " \\",
-              "    " + " ".join(torchrun[3:5]) + " \\",
-              "    " + " ".join(torchrun[5:]) + " \\",
-              "    " + " ".join(train),
-              ""]
+    lines += [
+        "",
+        'echo "calmrl: job $SLURM_JOB_ID on $SLURM_NNODES node(s) ($SLURM_JOB_NODELIST),'
+        " $NPROC_PER_NODE rank(s) per node, rendezvous $MASTER_ADDR:$MASTER_PORT,"
+        f' metrics on port {job.metrics_port} + local rank"',
+        "",
+        " ".join(srun) + " \\",
+        "    " + " ".join(torchrun[:3]) + " \\",
+        "    " + " ".join(torchrun[3:5]) + " \\",
+        "    " + " ".join(torchrun[5:]) + " \\",
+        "    " + " ".join(train),
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -167,16 +188,21 @@ def submit(script: Path, env: dict[str, str] | None = None) -> str:
     """`sbatch --parsable SCRIPT`; the job id, or a LaunchError with sbatch's own message."""
     sbatch = shutil.which("sbatch", path=(env or os.environ).get("PATH"))
     if sbatch is None:
-        raise LaunchError(f"sbatch not found on PATH: run this on a Slurm submit host (or install the Slurm "
-                          f"client). The script is written: submit it by hand with `sbatch {script}`.")
+        raise LaunchError(
+            f"sbatch not found on PATH: run this on a Slurm submit host (or install the Slurm "
+            f"client). The script is written: submit it by hand with `sbatch {script}`."
+        )
     try:
-        done = subprocess.run([sbatch, "--parsable", str(script)], capture_output=True, text=True,
-                              env=env, timeout=SBATCH_TIMEOUT_S)
+        done = subprocess.run(
+            [sbatch, "--parsable", str(script)], capture_output=True, text=True, env=env, timeout=SBATCH_TIMEOUT_S
+        )
     except subprocess.TimeoutExpired:
-        raise LaunchError(f"sbatch did not answer within {SBATCH_TIMEOUT_S} s (is slurmctld reachable? "
-                          f"try `scontrol ping`); script: {script}") from None
+        raise LaunchError(
+            f"sbatch did not answer within {SBATCH_TIMEOUT_S} s (is slurmctld reachable? "
+            f"try `scontrol ping`); script: {script}"
+        ) from None
     if done.returncode != 0:
-        why = (done.stderr.strip() or done.stdout.strip() or "(no output)")
+        why = done.stderr.strip() or done.stdout.strip() or "(no output)"
         raise LaunchError(f"sbatch failed (exit {done.returncode}) for {script}:\n{why}")
     job_id = done.stdout.strip().split(";")[0]  # --parsable: "jobid[;cluster]"
     if not job_id.isdigit():
@@ -198,23 +224,37 @@ def add_launch_parser(subparsers: argparse._SubParsersAction) -> argparse._SubPa
 def add_slurm_parser(launch_subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """`calmrl launch slurm ...` (extra `--section.key=value` arguments are config overrides)."""
     p = launch_subparsers.add_parser(
-        "slurm", help="write an sbatch script (torchrun on every node, c10d rendezvous) and submit it",
+        "slurm",
+        help="write an sbatch script (torchrun on every node, c10d rendezvous) and submit it",
         description="Validate CONFIG (with --section.key=value overrides), write "
-                    "<train.out_dir>/slurm/job.sbatch and submit it with sbatch. "
-                    "Extra --section.key=value arguments override the config.")
+        "<train.out_dir>/slurm/job.sbatch and submit it with sbatch. "
+        "Extra --section.key=value arguments override the config.",
+    )
     p.add_argument("config")
     p.add_argument("--nodes", type=int, required=True, help="number of nodes")
-    p.add_argument("--gpus-per-node", type=int, required=True,
-                   help="GPUs (= ranks) per node; 0 runs on CPUs (see --nproc-per-node)")
-    p.add_argument("--nproc-per-node", type=int, default=None,
-                   help="ranks per node when --gpus-per-node is 0 (default 1); must equal G otherwise")
+    p.add_argument(
+        "--gpus-per-node",
+        type=int,
+        required=True,
+        help="GPUs (= ranks) per node; 0 runs on CPUs (see --nproc-per-node)",
+    )
+    p.add_argument(
+        "--nproc-per-node",
+        type=int,
+        default=None,
+        help="ranks per node when --gpus-per-node is 0 (default 1); must equal G otherwise",
+    )
     p.add_argument("--partition", default=None)
     p.add_argument("--time", default=None, help="wall-clock limit, e.g. 2-00:00:00 or 90")
     p.add_argument("--job-name", default=None, help="default calmrl-<name of train.out_dir>")
     p.add_argument("--cpus-per-task", type=int, default=None, help="CPUs for each node's torchrun task")
     p.add_argument("--output-dir", default=None, help="folder of the Slurm log (default <train.out_dir>/slurm)")
-    p.add_argument("--master-port", type=int, default=None,
-                   help=f"rendezvous port (default {MASTER_PORT_BASE} + job id %% {MASTER_PORT_SPAN})")
+    p.add_argument(
+        "--master-port",
+        type=int,
+        default=None,
+        help=f"rendezvous port (default {MASTER_PORT_BASE} + job id %% {MASTER_PORT_SPAN})",
+    )
     p.add_argument("--resume", default=None, help="'latest' or a checkpoint folder name, passed to train")
     p.add_argument("--dry-run", action="store_true", help="write and print the script, submit nothing")
     return p
@@ -233,8 +273,10 @@ def build_job(args: argparse.Namespace, overrides: list[str], cfg) -> SlurmJob:
         raise LaunchError(f"--gpus-per-node must be >= 0 (got {args.gpus_per_node})")
     if args.gpus_per_node > 0:
         if args.nproc_per_node not in (None, args.gpus_per_node):
-            raise LaunchError(f"--nproc-per-node {args.nproc_per_node} != --gpus-per-node {args.gpus_per_node}: "
-                              f"on GPUs every rank has its own GPU (leave --nproc-per-node out)")
+            raise LaunchError(
+                f"--nproc-per-node {args.nproc_per_node} != --gpus-per-node {args.gpus_per_node}: "
+                f"on GPUs every rank has its own GPU (leave --nproc-per-node out)"
+            )
         nproc = args.gpus_per_node
     else:
         nproc = 1 if args.nproc_per_node is None else args.nproc_per_node
@@ -254,11 +296,23 @@ def build_job(args: argparse.Namespace, overrides: list[str], cfg) -> SlurmJob:
     log_dir = (workdir / args.output_dir).resolve() if args.output_dir else out_dir / "slurm"
     if re.search(r"\s", str(log_dir)) or re.search(r"\s", str(workdir)):
         raise LaunchError(f"paths with spaces cannot go on #SBATCH lines: {log_dir} / {workdir}")
-    return SlurmJob(config=Path(args.config).resolve(), overrides=list(overrides), nodes=args.nodes,
-                    gpus_per_node=args.gpus_per_node, nproc_per_node=nproc, job_name=job_name,
-                    output=log_dir / "%x-%j.out", workdir=workdir, python=sys.executable,
-                    metrics_port=cfg.metrics.port, partition=args.partition, time=args.time,
-                    cpus_per_task=args.cpus_per_task, master_port=args.master_port, resume=args.resume)
+    return SlurmJob(
+        config=Path(args.config).resolve(),
+        overrides=list(overrides),
+        nodes=args.nodes,
+        gpus_per_node=args.gpus_per_node,
+        nproc_per_node=nproc,
+        job_name=job_name,
+        output=log_dir / "%x-%j.out",
+        workdir=workdir,
+        python=sys.executable,
+        metrics_port=cfg.metrics.port,
+        partition=args.partition,
+        time=args.time,
+        cpus_per_task=args.cpus_per_task,
+        master_port=args.master_port,
+        resume=args.resume,
+    )
 
 
 def script_path(cfg) -> Path:
@@ -272,8 +326,11 @@ def cmd_launch_slurm(args: argparse.Namespace, overrides: list[str]) -> int:
 
     bad = [a for a in overrides if not (a.startswith("--") and "=" in a)]
     if bad:
-        print(f"calmrl launch slurm: unrecognised arguments: {' '.join(bad)} "
-              f"(config overrides look like --section.key=value)", file=sys.stderr)
+        print(
+            f"calmrl launch slurm: unrecognised arguments: {' '.join(bad)} "
+            f"(config overrides look like --section.key=value)",
+            file=sys.stderr,
+        )
         return 2
     try:
         cfg = load_config(args.config, overrides)  # before anything is written or submitted
@@ -285,8 +342,7 @@ def cmd_launch_slurm(args: argparse.Namespace, overrides: list[str]) -> int:
     except LaunchError as exc:
         print(f"calmrl launch slurm: {exc}", file=sys.stderr)
         return 2
-    command_line = (" ".join(_q(a) for a in ["calmrl", *sys.argv[1:]])
-                    if sys.argv[1:3] == ["launch", "slurm"] else None)
+    command_line = " ".join(_q(a) for a in ["calmrl", *sys.argv[1:]]) if sys.argv[1:3] == ["launch", "slurm"] else None
     text = render_sbatch(job, command_line)
     path = atomic_write(script_path(cfg), text, mode=0o755)
     if args.dry_run:
@@ -301,8 +357,10 @@ def cmd_launch_slurm(args: argparse.Namespace, overrides: list[str]) -> int:
         print(f"calmrl launch slurm: {exc}", file=sys.stderr)
         return 1
     log = Path(str(job.output).replace("%x", job.job_name).replace("%j", job_id))
-    print(f"submitted Slurm job {job_id}: {job.nodes} node(s) x {job.nproc_per_node} rank(s) "
-          f"({'CPU' if job.gpus_per_node == 0 else 'GPU'}), world size {job.world_size}")
+    print(
+        f"submitted Slurm job {job_id}: {job.nodes} node(s) x {job.nproc_per_node} rank(s) "
+        f"({'CPU' if job.gpus_per_node == 0 else 'GPU'}), world size {job.world_size}"
+    )
     print(f"  script: {path}")
     print(f"  log:    {log}")
     print(f"  follow: tail -F {log}    (state: squeue -j {job_id}; cancel: scancel {job_id})")

@@ -7,6 +7,7 @@ folder, are flushed to disk, and the file is renamed over the target. A crash
 leaves either the old file or the new one, and at worst a stray `.tmp` file
 that the next write replaces.
 """
+
 from __future__ import annotations
 
 import json

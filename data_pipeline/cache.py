@@ -4,6 +4,7 @@
 it: the Tux Paint package (`tuxpaint-stamps-*`) and the benchmark's feature
 caches (`benchmark/`).
 """
+
 from __future__ import annotations
 
 import os

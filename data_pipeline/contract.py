@@ -7,6 +7,7 @@ and `key` (a list of B sample keys; "" marks a padding row). Everything above
 the data pipeline (model, calibrator, objectives, evaluation) indexes
 modalities through `MODALITIES`.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

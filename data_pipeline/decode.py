@@ -5,6 +5,7 @@ Images go through PIL, audio through soundfile (ogg/flac/wav) and librosa
 raises `DecodeError` naming what failed; the reader adds the sample key and
 shard.
 """
+
 from __future__ import annotations
 
 import functools

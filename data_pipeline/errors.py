@@ -1,4 +1,5 @@
 """The errors of the data pipeline, each naming the file or sample and the fix."""
+
 from __future__ import annotations
 
 

@@ -13,6 +13,7 @@ Modes:
   independently; a sample that would lose everything keeps one of its
   modalities, drawn uniformly.
 """
+
 from __future__ import annotations
 
 import random
@@ -49,8 +50,9 @@ def keep_mask(key: str, present: list[bool], rate: float, seed: int, mode: str =
     return [i in kept for i in range(len(present))]
 
 
-def impose_missing(keys: list[str], present: torch.Tensor, rate: float, seed: int,
-                   mode: str = "instance") -> torch.Tensor:
+def impose_missing(
+    keys: list[str], present: torch.Tensor, rate: float, seed: int, mode: str = "instance"
+) -> torch.Tensor:
     """`present` [N, M] bool with extra entries hidden, sample by sample (see `keep_mask`)."""
     if len(keys) != present.shape[0]:
         raise ValueError(f"{len(keys)} keys for {present.shape[0]} rows")

@@ -29,6 +29,7 @@ is an error that names it.
 benchmark's imposed missing rates; data_pipeline/missing.py): the hidden
 entries are not decoded, and evaluation (`iterate_split`) sees every one.
 """
+
 from __future__ import annotations
 
 import random
@@ -63,14 +64,19 @@ class LoaderState:
         return sum(self.bad.values())
 
     def to_dict(self) -> dict[str, Any]:
-        return {"batches": self.batches, "roles": {str(k): list(v) for k, v in self.roles.items()},
-                "bad": {str(k): v for k, v in self.bad.items()}}
+        return {
+            "batches": self.batches,
+            "roles": {str(k): list(v) for k, v in self.roles.items()},
+            "bad": {str(k): v for k, v in self.bad.items()},
+        }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> LoaderState:
-        return cls(batches=int(d["batches"]),
-                   roles={int(k): (int(v[0]), int(v[1])) for k, v in d["roles"].items()},
-                   bad={int(k): int(v) for k, v in d.get("bad", {}).items()})
+        return cls(
+            batches=int(d["batches"]),
+            roles={int(k): (int(v[0]), int(v[1])) for k, v in d["roles"].items()},
+            bad={int(k): int(v) for k, v in d.get("bad", {}).items()},
+        )
 
 
 class ShardStream(IterableDataset):
@@ -143,8 +149,10 @@ class ShardStream(IterableDataset):
                     yield to_wire(batch)
                     pending = []
             if taken == 0:
-                raise DataError(f"reader {reader} of {self.cfg.shards} got no sample in epoch {epoch}: "
-                                "its shards are empty or unreadable")
+                raise DataError(
+                    f"reader {reader} of {self.cfg.shards} got no sample in epoch {epoch}: "
+                    "its shards are empty or unreadable"
+                )
             epoch, offset = epoch + 1, 0
 
 
@@ -181,8 +189,9 @@ class BatchLoader:
         return batch
 
 
-def iterate_split(cfg: DataConfig, split_dir: str | Path, batch_size: int,
-                  bad: BadInputLog | None = None) -> Iterator[dict[str, Any]]:
+def iterate_split(
+    cfg: DataConfig, split_dir: str | Path, batch_size: int, bad: BadInputLog | None = None
+) -> Iterator[dict[str, Any]]:
     """One ordered pass over every sample of a split, in one process (evaluation).
 
     Bad samples are counted in `bad` and skipped. The last batch is padded

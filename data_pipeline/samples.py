@@ -6,6 +6,7 @@ one audio track, hides the modalities `data.extra_missing` imposes on
 training streams (never decoding them) and decodes the rest; `collate`
 stacks decoded samples into one batch, computing all log-mels in one call.
 """
+
 from __future__ import annotations
 
 import json
@@ -80,8 +81,13 @@ class SampleDecoder:
             if not found:
                 raise DecodeError("sample holds no modality")
             if self.impose_missing:  # hidden entries are never decoded
-                keep = keep_mask(key, [v is not None for v in (image, text, audio)], self.cfg.extra_missing,
-                                 self.cfg.extra_missing_seed, self.cfg.extra_missing_mode)
+                keep = keep_mask(
+                    key,
+                    [v is not None for v in (image, text, audio)],
+                    self.cfg.extra_missing,
+                    self.cfg.extra_missing_seed,
+                    self.cfg.extra_missing_mode,
+                )
                 image, text, audio = (v if k else None for v, k in zip((image, text, audio), keep))
             if image is not None:
                 out["image"] = decode_image(image, self.cfg.image_size)

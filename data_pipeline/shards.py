@@ -15,6 +15,7 @@ sample lies in it (`tar_layout`), found with tarfile once the shard is
 complete. Local readers seek with it instead of parsing every tar header
 again (data_pipeline/reader.py); a shard without one is read by its headers.
 """
+
 from __future__ import annotations
 
 import io
@@ -55,12 +56,18 @@ def tar_layout(path: str | Path) -> dict[str, Any] | None:
     with tarfile.open(path) as tar:
         for member in tar:
             _, ext = base_plus_ext(member.name)
-            if (not member.isreg() or member.offset_data != member.offset + TAR_BLOCK
-                    or len(member.name.encode()) >= 100 or ext is None or ext != ext.lower()):
+            if (
+                not member.isreg()
+                or member.offset_data != member.offset + TAR_BLOCK
+                or len(member.name.encode()) >= 100
+                or ext is None
+                or ext != ext.lower()
+            ):
                 return None
             entries.append({"fname": member.name, "data": (member.offset_data, member.size), "__url__": ""})
-    samples = [[s["__key__"], [[ext, *s[ext]] for ext in s if not ext.startswith("__")]]
-               for s in group_by_keys(iter(entries))]
+    samples = [
+        [s["__key__"], [[ext, *s[ext]] for ext in s if not ext.startswith("__")]] for s in group_by_keys(iter(entries))
+    ]
     return {"format": LAYOUT_FORMAT, "bytes": os.path.getsize(path), "samples": samples}
 
 

@@ -4,6 +4,7 @@ A split is what `calmrl data build` writes per train/val/test: shards, an
 `index.json` with counts per shard and per missing pattern, layouts for
 local seeking, and (one folder up) the tokenizer of the captions.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -33,8 +34,9 @@ class SplitInfo:
     @property
     def layout_of(self) -> dict[str, str]:
         """Shard URL -> its layout's URL, for the shards built with one."""
-        return {join(self.root, s["name"]): join(self.root, s["layout"])
-                for s in self.index["shards"] if s.get("layout")}
+        return {
+            join(self.root, s["name"]): join(self.root, s["layout"]) for s in self.index["shards"] if s.get("layout")
+        }
 
 
 def open_split(split_dir: str | Path, tokenizer: str = "") -> SplitInfo:
@@ -48,20 +50,31 @@ def open_split(split_dir: str | Path, tokenizer: str = "") -> SplitInfo:
     present = list_names(root)
     for name in names:
         if name not in present:
-            raise DataError(f"shard {join(root, name)} listed in {join(root, 'index.json')} is missing; "
-                            "rebuild the split or restore the shard")
+            raise DataError(
+                f"shard {join(root, name)} listed in {join(root, 'index.json')} is missing; "
+                "rebuild the split or restore the shard"
+            )
     tokenizer_rel = index.get("tokenizer", "tokenizer.json")
     if is_remote(root):
-        tokenizer_url = join(root.rsplit("/", 1)[0], Path(tokenizer_rel).name) if tokenizer_rel.startswith("../") \
+        tokenizer_url = (
+            join(root.rsplit("/", 1)[0], Path(tokenizer_rel).name)
+            if tokenizer_rel.startswith("../")
             else join(root, tokenizer_rel)
+        )
     else:
         tokenizer_url = str((Path(root) / tokenizer_rel).resolve())
     if tokenizer == "minilm":
         tokenizer_json = minilm_tokenizer_json()
     else:
         tokenizer_json = read_bytes(tokenizer or tokenizer_url).decode()
-    return SplitInfo(root, [join(root, n) for n in names], [int(s["count"]) for s in index["shards"]],
-                     int(index["num_samples"]), tokenizer_json, index)
+    return SplitInfo(
+        root,
+        [join(root, n) for n in names],
+        [int(s["count"]) for s in index["shards"]],
+        int(index["num_samples"]),
+        tokenizer_json,
+        index,
+    )
 
 
 def vocab_size(cfg: DataConfig) -> int:

@@ -6,6 +6,7 @@ config files (`AWS_ENDPOINT_URL_S3` or `AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`,
 default 3 attempts, with short connect/read timeouts), after which a
 `StorageError` names the URL, the endpoint and what to check.
 """
+
 from __future__ import annotations
 
 import functools
@@ -45,8 +46,11 @@ def _s3(endpoint: str | None, pid: int) -> Any:
     return s3fs.S3FileSystem(
         endpoint_url=endpoint,
         skip_instance_cache=True,
-        config_kwargs={"connect_timeout": timeout, "read_timeout": timeout * 6,
-                       "retries": {"max_attempts": attempts, "mode": "standard"}},
+        config_kwargs={
+            "connect_timeout": timeout,
+            "read_timeout": timeout * 6,
+            "retries": {"max_attempts": attempts, "mode": "standard"},
+        },
     )
 
 
@@ -125,4 +129,3 @@ def register_webdataset_scheme() -> None:
 
     gopen_module = sys.modules["webdataset.gopen"]
     gopen_module.gopen_schemes["s3"] = lambda url, mode="rb", bufsize=8192, **kw: open_read(url)
-

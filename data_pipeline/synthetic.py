@@ -7,6 +7,7 @@ size, a low hum from position). Per-modality missing rates drop modalities,
 keeping at least one per instance. The attributes are stored in the metadata
 so that evaluation can check what a representation encodes.
 """
+
 from __future__ import annotations
 
 import io
@@ -159,16 +160,28 @@ def build_synthetic(out_dir: str | Path, spec: SyntheticSpec, progress: bool = T
     counts = [int(round(f * spec.num_samples)) for f in spec.split_fractions]
     counts[0] = spec.num_samples - sum(counts[1:])
     # The tokenizer sees every caption the templates can make, not just the drawn ones.
-    corpus = [t.format(shape=s, colour=c, size=z, position=p)
-              for t in TEMPLATES for s in SHAPES for c in COLOURS for z in SIZES for p in POSITIONS]
+    corpus = [
+        t.format(shape=s, colour=c, size=z, position=p)
+        for t in TEMPLATES
+        for s in SHAPES
+        for c in COLOURS
+        for z in SIZES
+        for p in POSITIONS
+    ]
     atomic_write(out_dir / "tokenizer.json", train_tokenizer(corpus, spec.vocab_size).to_str())
     indexes = {}
     start = 0
     bar = tqdm(total=spec.num_samples, desc="synthetic shards", disable=not progress, unit="sample")
     for split, count in zip(SPLITS, counts):
-        extra = {"source": "synthetic", "split": split, "tokenizer": "../tokenizer.json",
-                 "num_classes": len(SHAPES) * len(COLOURS), "sample_rate": spec.sample_rate,
-                 "classes": [f"{c} {s}" for s in SHAPES for c in COLOURS], "prompt_template": "a {}"}
+        extra = {
+            "source": "synthetic",
+            "split": split,
+            "tokenizer": "../tokenizer.json",
+            "num_classes": len(SHAPES) * len(COLOURS),
+            "sample_rate": spec.sample_rate,
+            "classes": [f"{c} {s}" for s in SHAPES for c in COLOURS],
+            "prompt_template": "a {}",
+        }
         with ShardSetWriter(out_dir / split, spec.shard_size, extra) as writer:
             for i in range(start, start + count):
                 writer.write(make_sample(i, split, spec, rng))
@@ -177,4 +190,3 @@ def build_synthetic(out_dir: str | Path, spec: SyntheticSpec, progress: bool = T
         start += count
     bar.close()
     return indexes
-

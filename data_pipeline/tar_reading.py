@@ -11,6 +11,7 @@ A shard that breaks off (a tar error, fewer samples than its index entry,
 bytes not where its layout says) is counted in a `BadInputLog` and its rest
 skipped; a shard that cannot be opened is an error naming it.
 """
+
 from __future__ import annotations
 
 import json
@@ -85,8 +86,13 @@ def _usable_layout(url: str, layout_url: str | None, stream: Any) -> dict[str, A
         why = f"{type(exc).__name__}: {exc}"
     if url not in _layouts_ignored:
         _layouts_ignored.add(url)
-        log.warning("reading shard %s by its tar headers (slower): its layout %s does not fit (%s); "
-                    "rebuild the split to read it by seeking again", url, layout_url, why)
+        log.warning(
+            "reading shard %s by its tar headers (slower): its layout %s does not fit (%s); "
+            "rebuild the split to read it by seeking again",
+            url,
+            layout_url,
+            why,
+        )
     return None
 
 
@@ -114,8 +120,9 @@ def seek_samples(url: str, stream: Any, layout: dict[str, Any]) -> Iterator[dict
         yield sample
 
 
-def raw_samples(shards: list[str], bad: BadInputLog, counts: dict[str, int] | None = None,
-                layouts: dict[str, str] | None = None) -> Iterator[dict[str, Any]]:
+def raw_samples(
+    shards: list[str], bad: BadInputLog, counts: dict[str, int] | None = None, layouts: dict[str, str] | None = None
+) -> Iterator[dict[str, Any]]:
     """Samples of the shards in order; `layouts` (shard -> layout URL) lets
     local shards be read by seeking. A shard that breaks off mid-way (a tar
     error, fewer samples than its index entry, bytes not where its layout
@@ -134,8 +141,10 @@ def raw_samples(shards: list[str], bad: BadInputLog, counts: dict[str, int] | No
             if expected is not None and read < expected:
                 bad.record(f"shard:{url}", f"the rest of shard {url}: it ends after {read} of {expected} samples")
         except LayoutMismatch as exc:
-            bad.record(f"shard:{url}", f"the rest of shard {url}: {exc}; the shard was changed after it was "
-                                       f"built: rebuild the split")
+            bad.record(
+                f"shard:{url}",
+                f"the rest of shard {url}: {exc}; the shard was changed after it was built: rebuild the split",
+            )
         except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
             bad.record(f"shard:{url}", f"the rest of shard {url}: it breaks off ({type(exc).__name__}: {exc})")
         finally:

@@ -1,5 +1,6 @@
 """Text tokenizers from the `tokenizers` library: trained on a corpus's captions
 at shard-build time (for towers trained from scratch) and loaded by the reader."""
+
 from __future__ import annotations
 
 import importlib

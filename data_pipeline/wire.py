@@ -5,6 +5,7 @@ file of its own (a few hundred microseconds each, whatever the size); a numpy
 array is pickled inline through the worker's pipe, which is cheaper up to about
 a megabyte. Small batch fields therefore travel as numpy, large ones as tensors.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -17,8 +18,9 @@ _INLINE_MAX_BYTES = 1 << 20
 
 
 def to_wire(batch: dict[str, Any]) -> dict[str, Any]:
-    return {k: v.numpy() if isinstance(v, torch.Tensor) and v.nbytes <= _INLINE_MAX_BYTES else v
-            for k, v in batch.items()}
+    return {
+        k: v.numpy() if isinstance(v, torch.Tensor) and v.nbytes <= _INLINE_MAX_BYTES else v for k, v in batch.items()
+    }
 
 
 def from_wire(batch: dict[str, Any]) -> dict[str, Any]:

@@ -1,4 +1,5 @@
 """Embedding every sample of a split with a model (in one process, in order)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -25,5 +26,9 @@ def embed_split(model: MultiModalModel, cfg: Config, split_dir: str | Path, batc
         present.append(batch["present"][real])
         labels.append(batch["label"][real])
         keys += [k for k in batch["key"] if k]
-    return {"emb": {m: torch.cat(v) for m, v in embs.items()}, "present": torch.cat(present),
-            "label": torch.cat(labels), "key": keys}
+    return {
+        "emb": {m: torch.cat(v) for m, v in embs.items()},
+        "present": torch.cat(present),
+        "label": torch.cat(labels),
+        "key": keys,
+    }

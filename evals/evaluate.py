@@ -5,6 +5,7 @@
 - anchor shift per missing pattern, without and with the run's calibrator;
 - imputation error of CalMRL against mean-fill and random-fill.
 `evals.report` writes them as JSON (machines), a Markdown table and a PNG (people)."""
+
 from __future__ import annotations
 
 from itertools import permutations
@@ -29,8 +30,12 @@ def evaluate_run(run_dir: str | Path, split_dir: str | Path, tag: str = "latest"
     cfg, model, tag = run.load_model(tag)
     data = embed_split(model, cfg, split_dir)
     calibrator = run.load_completion(tag).calibrator  # None unless the run used CalMRL
-    results: dict[str, Any] = {"run": str(run_dir), "checkpoint": tag, "split": str(split_dir),
-                               **embedding_metrics(data["emb"], data["present"], calibrator)}
+    results: dict[str, Any] = {
+        "run": str(run_dir),
+        "checkpoint": tag,
+        "split": str(split_dir),
+        **embedding_metrics(data["emb"], data["present"], calibrator),
+    }
     split = open_split(split_dir, cfg.data.tokenizer)
     classes = split.index.get("classes")
     if classes:
@@ -40,14 +45,18 @@ def evaluate_run(run_dir: str | Path, split_dir: str | Path, tag: str = "latest"
     return results
 
 
-def embedding_metrics(emb: dict[str, torch.Tensor], present: torch.Tensor,
-                      calibrator: Calibrator | None) -> dict[str, Any]:
+def embedding_metrics(
+    emb: dict[str, torch.Tensor], present: torch.Tensor, calibrator: Calibrator | None
+) -> dict[str, Any]:
     """Retrieval between every ordered pair of modalities on complete instances,
     anchor shift per pattern and imputation error (with `calibrator` when there
     is one), and the mean R@1 over the pairs."""
     complete = present.all(1)
-    results: dict[str, Any] = {"num_samples": int(present.shape[0]), "num_complete": int(complete.sum()),
-                               "retrieval": {}}
+    results: dict[str, Any] = {
+        "num_samples": int(present.shape[0]),
+        "num_complete": int(complete.sum()),
+        "retrieval": {},
+    }
     for a, b in permutations(MODALITIES, 2):
         results["retrieval"][f"{a}->{b}"] = retrieval_metrics(emb[a][complete], emb[b][complete])
     if int(complete.sum()) > 1:

@@ -5,6 +5,7 @@ Methods: the calibrator's posterior-mean imputation (CalMRL), the modality's
 mean embedding (mean-fill) and a random unit vector (random-fill). Errors are
 the mean cosine distance (1 - cos) and the mean squared error of unit vectors.
 """
+
 from __future__ import annotations
 
 import torch
@@ -14,9 +15,13 @@ from pretrain.calibration import Calibrator
 
 
 @torch.no_grad()
-def imputation_error(emb: dict[str, torch.Tensor], calibrator: Calibrator | None,
-                     modalities: list[str] | tuple[str, ...], means: dict[str, torch.Tensor] | None = None,
-                     seed: int = 0) -> dict[str, dict[str, dict[str, float]]]:
+def imputation_error(
+    emb: dict[str, torch.Tensor],
+    calibrator: Calibrator | None,
+    modalities: list[str] | tuple[str, ...],
+    means: dict[str, torch.Tensor] | None = None,
+    seed: int = 0,
+) -> dict[str, dict[str, dict[str, float]]]:
     """{method: {hidden modality: {"cosine": ..., "mse": ...}}} on complete instances `emb`.
 
     `means` (modality -> mean embedding, e.g. over the training split) feeds
@@ -38,6 +43,8 @@ def imputation_error(emb: dict[str, torch.Tensor], calibrator: Calibrator | None
             present[:, j] = False
             fills["calmrl"] = calibrator.impute({k: v.float() for k, v in emb.items()}, present)[m].float()
         for method, fill in fills.items():
-            out[method][m] = {"cosine": float((1 - (fill * truth).sum(1)).mean()),
-                              "mse": float((fill - truth).square().sum(1).mean())}
+            out[method][m] = {
+                "cosine": float((1 - (fill * truth).sum(1)).mean()),
+                "mse": float((fill - truth).square().sum(1).mean()),
+            }
     return out

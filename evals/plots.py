@@ -1,4 +1,5 @@
 """PNG figures of an evaluation: retrieval, anchor shift, imputation error."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -24,11 +25,21 @@ def plot_eval(results: dict[str, Any], path: str | Path) -> Path:
         elif panel == "anchor_shift":
             patterns = list(results["anchor_shift"])
             xs = range(len(patterns))
-            ax.bar([x - 0.2 for x in xs], [results["anchor_shift"][p]["observed_only"] for p in patterns],
-                   width=0.4, label="observed only (local anchor)", color="tab:orange")
+            ax.bar(
+                [x - 0.2 for x in xs],
+                [results["anchor_shift"][p]["observed_only"] for p in patterns],
+                width=0.4,
+                label="observed only (local anchor)",
+                color="tab:orange",
+            )
             if all("calibrated" in results["anchor_shift"][p] for p in patterns):
-                ax.bar([x + 0.2 for x in xs], [results["anchor_shift"][p]["calibrated"] for p in patterns],
-                       width=0.4, label="calibrated", color="tab:green")
+                ax.bar(
+                    [x + 0.2 for x in xs],
+                    [results["anchor_shift"][p]["calibrated"] for p in patterns],
+                    width=0.4,
+                    label="calibrated",
+                    color="tab:green",
+                )
             ax.set_xticks(list(xs), patterns)
             ax.set_title("anchor shift |u - u_O| by observed pattern")
             ax.legend()
@@ -37,9 +48,12 @@ def plot_eval(results: dict[str, Any], path: str | Path) -> Path:
             modalities = list(results["imputation_error"][methods[0]])
             width = 0.8 / len(methods)
             for i, method in enumerate(methods):
-                ax.bar([x + i * width for x in range(len(modalities))],
-                       [results["imputation_error"][method][m]["cosine"] for m in modalities],
-                       width=width, label=method)
+                ax.bar(
+                    [x + i * width for x in range(len(modalities))],
+                    [results["imputation_error"][method][m]["cosine"] for m in modalities],
+                    width=width,
+                    label=method,
+                )
             ax.set_xticks([x + 0.4 - width / 2 for x in range(len(modalities))], modalities)
             ax.set_title("imputation error (cosine distance) by hidden modality")
             ax.legend()

@@ -1,4 +1,5 @@
 """Writing an evaluation: `eval.json` (machines), `eval.md` and `eval.png` (people)."""
+
 from __future__ import annotations
 
 import json
@@ -20,11 +21,17 @@ def markdown_table(results: dict[str, Any]) -> str:
             lines.append(f"| {pattern} | {row['observed_only']:.3f} | {cal} |")
     if "imputation_error" in results:
         methods = list(results["imputation_error"])
-        lines += ["", "| hidden modality | " + " | ".join(f"{m} cos / mse" for m in methods) + " |",
-                  "|---|" + "---|" * len(methods)]
+        lines += [
+            "",
+            "| hidden modality | " + " | ".join(f"{m} cos / mse" for m in methods) + " |",
+            "|---|" + "---|" * len(methods),
+        ]
         for modality in results["imputation_error"][methods[0]]:
-            cells = [f"{results['imputation_error'][m][modality]['cosine']:.3f} / "
-                     f"{results['imputation_error'][m][modality]['mse']:.3f}" for m in methods]
+            cells = [
+                f"{results['imputation_error'][m][modality]['cosine']:.3f} / "
+                f"{results['imputation_error'][m][modality]['mse']:.3f}"
+                for m in methods
+            ]
             lines.append(f"| {modality} | " + " | ".join(cells) + " |")
     if results.get("zero_shot"):
         lines += ["", "| zero-shot | top-1 | chance | n |", "|---|---|---|---|"]

@@ -1,4 +1,5 @@
 """Cross-modal retrieval metrics: R@K and median rank of the true match."""
+
 from __future__ import annotations
 
 import torch

@@ -6,6 +6,7 @@ gives the local anchor u_O (observed columns only) and the calibrated anchor
 u_cal (observed columns + the calibrator's imputations of the hidden ones).
 Signs are aligned to u; the shift is the mean |u - u_O| (and |u - u_cal|).
 """
+
 from __future__ import annotations
 
 from itertools import combinations
@@ -28,8 +29,9 @@ def _align(v: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def anchor_shift(emb: dict[str, torch.Tensor], calibrator: Calibrator | None,
-                 modalities: list[str] | tuple[str, ...]) -> dict[str, dict[str, float]]:
+def anchor_shift(
+    emb: dict[str, torch.Tensor], calibrator: Calibrator | None, modalities: list[str] | tuple[str, ...]
+) -> dict[str, dict[str, float]]:
     """Per missing pattern (named by its observed modalities): mean shift of the
     local anchor and, with a calibrator, of the calibrated anchor.
 

@@ -174,8 +174,9 @@ class Calibrator(torch.nn.Module):
         rhs = self._precision_weighted_sum(features, present)
         # V_O = P_O^{-1} = L^-T L^-1: one batched triangular inverse and a product
         # (half the time of cholesky_inverse for a handful of 64 x 64 factors on CPU).
-        chol_inv = torch.linalg.solve_triangular(chol, torch.eye(self.latent_dim, dtype=chol.dtype,
-                                                                  device=chol.device).expand_as(chol), upper=False)
+        chol_inv = torch.linalg.solve_triangular(
+            chol, torch.eye(self.latent_dim, dtype=chol.dtype, device=chol.device).expand_as(chol), upper=False
+        )
         pattern_cov = chol_inv.mT @ chol_inv
         # b_i = V_O rhs_i: every pattern's V applied to the whole batch is one
         # small batched product ([P, N, k], P <= 2^M - 1), then each sample takes
@@ -224,7 +225,7 @@ class Calibrator(torch.nn.Module):
             values = z[name]
             if values.shape != (num_samples, self.dim):
                 raise ValueError(f"z['{name}'] has shape {tuple(values.shape)}, expected ({num_samples}, {self.dim})")
-            features.append(values.to(self.dtype).masked_fill(~present[:, j:j + 1], 0.0))
+            features.append(values.to(self.dtype).masked_fill(~present[:, j : j + 1], 0.0))
         return features
 
     def _check_present(self, present: Tensor) -> Tensor:
@@ -234,9 +235,7 @@ class Calibrator(torch.nn.Module):
 
     # -------------------------------------------------------------- imputation
 
-    def impute(
-        self, z: Mapping[str, Tensor], present: Tensor, *, normalize: bool | None = None
-    ) -> dict[str, Tensor]:
+    def impute(self, z: Mapping[str, Tensor], present: Tensor, *, normalize: bool | None = None) -> dict[str, Tensor]:
         """Complete every modality: observed rows as given, missing rows W_m b_i + mu_m.
 
         Imputed rows are L2-normalised unless ``normalize`` (default: the
@@ -248,8 +247,9 @@ class Calibrator(torch.nn.Module):
         present = self._check_present(present)
         return self._complete(z, present, self.e_step(z, present), normalize)
 
-    def _complete(self, z: Mapping[str, Tensor], present: Tensor, result: Posterior,
-                  normalize: bool | None) -> dict[str, Tensor]:
+    def _complete(
+        self, z: Mapping[str, Tensor], present: Tensor, result: Posterior, normalize: bool | None
+    ) -> dict[str, Tensor]:
         """Observed rows as given, missing rows W_m b_i + mu_m.
 
         Only the missing rows are imputed (a product per modality over those rows,
@@ -341,8 +341,7 @@ class Calibrator(torch.nn.Module):
         features = self._masked_features(detached, present)
         self._fold_statistics(features, present, self._posterior(features, present, groups), decay)
 
-    def _fold_statistics(self, features: list[Tensor], present: Tensor, result: Posterior,
-                         decay: float | None) -> None:
+    def _fold_statistics(self, features: list[Tensor], present: Tensor, result: Posterior, decay: float | None) -> None:
         decay = self.decay if decay is None else decay
         batch = self._batch_statistics(features, present, result)
         batch = self._all_reduce_statistics(batch)
@@ -364,8 +363,13 @@ class Calibrator(torch.nn.Module):
         features = self._masked_features(z, present)
         result = self._posterior(features, present, groups)
         with torch.no_grad():
-            detached = Posterior(mean=result.mean.detach(), pattern_cov=result.pattern_cov,
-                                 pattern_chol=result.pattern_chol, rhs=result.rhs.detach(), groups=groups)
+            detached = Posterior(
+                mean=result.mean.detach(),
+                pattern_cov=result.pattern_cov,
+                pattern_chol=result.pattern_chol,
+                rhs=result.rhs.detach(),
+                groups=groups,
+            )
             self._fold_statistics([x.detach() for x in features], present, detached, None)
         return self._complete(z, present, result, normalize)
 

@@ -8,6 +8,7 @@ A checkpoint is written as `.tmp-step_...` and renamed into place by rank 0
 only after every rank has finished writing; `latest` is replaced atomically
 after that. A crash at any moment leaves `latest` naming a complete checkpoint.
 """
+
 from __future__ import annotations
 
 import io
@@ -102,8 +103,9 @@ class Checkpointer:
                 f"{self.root / tag} was written by {state['world_size']} ranks; resuming it exactly "
                 f"needs the same number (got {world_size()})"
             )
-        path, _ = engine.load_checkpoint(str(self.root), tag=tag, load_optimizer_states=True,
-                                         load_lr_scheduler_states=True)
+        path, _ = engine.load_checkpoint(
+            str(self.root), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
         if path is None:
             raise CheckpointError(f"DeepSpeed could not load {self.root / tag}")
         return state

@@ -18,6 +18,7 @@ aligns: embeddings for every modality, plus `observed` (encoded) and
 Every rank calls `complete` and `end_step` at the same steps (they hold
 collectives), whatever its local data.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -69,8 +70,14 @@ class Completion(torch.nn.Module):
         self.filler: MeanFiller | None = None
         if cfg.method == "calmrl":
             self.calibrator = Calibrator(
-                list(modalities), dim, cfg.latent_dim, decay=cfg.decay, sigma2_floor=cfg.sigma2_floor,
-                normalize_imputed=cfg.normalize_imputed, init_scale=cfg.init_scale, seed=seed,
+                list(modalities),
+                dim,
+                cfg.latent_dim,
+                decay=cfg.decay,
+                sigma2_floor=cfg.sigma2_floor,
+                normalize_imputed=cfg.normalize_imputed,
+                init_scale=cfg.init_scale,
+                seed=seed,
                 dtype=getattr(torch, cfg.dtype),
             )
         elif cfg.method == "mean_fill":
@@ -94,8 +101,10 @@ class Completion(torch.nn.Module):
             assert self.filler is not None
             self.filler.update([emb[m] for m in self.modalities], present)
             means = F.normalize(self.filler.means().to(present.device, torch.float32), dim=-1)
-            filled = {m: torch.where(present[:, i:i + 1], emb[m], means[i].to(emb[m].dtype))
-                      for i, m in enumerate(self.modalities)}
+            filled = {
+                m: torch.where(present[:, i : i + 1], emb[m], means[i].to(emb[m].dtype))
+                for i, m in enumerate(self.modalities)
+            }
             return Completed(filled, present, has_any.expand_as(present))
         # calmrl: step A, statistics from detached features (every rank, every micro-step)
         assert self.calibrator is not None
@@ -109,8 +118,10 @@ class Completion(torch.nn.Module):
             completed = self.calibrator.accumulate_and_impute(emb, present)  # observed rows are emb's
         else:
             imputed = self.calibrator.accumulate_and_impute(detached, present)
-            completed = {m: torch.where(present[:, i:i + 1], emb[m], imputed[m].to(emb[m].dtype))
-                         for i, m in enumerate(self.modalities)}
+            completed = {
+                m: torch.where(present[:, i : i + 1], emb[m], imputed[m].to(emb[m].dtype))
+                for i, m in enumerate(self.modalities)
+            }
         return Completed(completed, present, has_any.expand_as(present))
 
     def end_step(self, step: int) -> None:

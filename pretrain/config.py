@@ -4,6 +4,7 @@ Every knob lives in a dataclass below; a YAML file may set any subset of them.
 An unknown key or a value of the wrong type is a `ConfigError` that names the
 key and the file, raised before any process group or data is touched.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -130,10 +131,16 @@ class Config:
             (self.data.batch_size >= 1, "data.batch_size", "must be >= 1"),
             (self.data.num_workers >= 0, "data.num_workers", "must be >= 0"),
             (0.0 <= self.data.extra_missing <= 1.0, "data.extra_missing", "must lie in [0, 1]"),
-            (self.data.extra_missing_mode in ("instance", "entry"), "data.extra_missing_mode",
-             "must be 'instance' or 'entry'"),
-            (self.loss.objective in ("pairwise", "gram", "pmrl"), "loss.objective",
-             "must be one of: pairwise, gram, pmrl"),
+            (
+                self.data.extra_missing_mode in ("instance", "entry"),
+                "data.extra_missing_mode",
+                "must be 'instance' or 'entry'",
+            ),
+            (
+                self.loss.objective in ("pairwise", "gram", "pmrl"),
+                "loss.objective",
+                "must be one of: pairwise, gram, pmrl",
+            ),
             (self.loss.gram_anchor in MODALITIES, "loss.gram_anchor", f"must be one of: {', '.join(MODALITIES)}"),
             (self.calibration.method in METHODS, "calibration.method", f"must be one of: {', '.join(METHODS)}"),
             (self.calibration.latent_dim >= 1, "calibration.latent_dim", "must be >= 1"),
@@ -195,9 +202,7 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     if tp in (int, float) and isinstance(value, bool):
         raise ConfigError(f"{source}: '{key}' must be {_type_name(tp)}, got bool {value!r}")
     if not isinstance(value, tp):
-        raise ConfigError(
-            f"{source}: '{key}' must be {_type_name(tp)}, got {type(value).__name__} {value!r}"
-        )
+        raise ConfigError(f"{source}: '{key}' must be {_type_name(tp)}, got {type(value).__name__} {value!r}")
     return value
 
 
@@ -207,9 +212,7 @@ def _build(cls: type, values: dict[str, Any], prefix: str, source: str) -> Any:
     for key in values:
         if key not in names:
             full = f"{prefix}.{key}" if prefix else key
-            raise ConfigError(
-                f"{source}: unknown key '{full}'; valid keys here: {', '.join(sorted(names))}"
-            )
+            raise ConfigError(f"{source}: unknown key '{full}'; valid keys here: {', '.join(sorted(names))}")
     obj = cls()
     for key, value in values.items():
         full = f"{prefix}.{key}" if prefix else key

@@ -1,5 +1,6 @@
 """Process-group helpers: rank/world queries that also work without a group,
 and a row gather that carries gradient back to the rank that owns each row."""
+
 from __future__ import annotations
 
 import torch

@@ -4,6 +4,7 @@ ZeRO stage, precision, gradient accumulation and clipping, and the warm-up +
 cosine schedule all come from `train.*`; the optimizer is a torch AdamW
 passed in (no compiled optimizer op needed on CPU).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -55,9 +56,10 @@ def build_optimizer(model: MultiModalModel, cfg: Config) -> torch.optim.Optimize
             mult = tower.lr_mult
         decay = p.ndim >= 2 and "position" not in name
         groups.setdefault((mult, decay), []).append(p)
-    param_groups = [{"params": params, "lr": cfg.train.lr * mult,
-                     "weight_decay": cfg.train.weight_decay if decay else 0.0}
-                    for (mult, decay), params in groups.items()]
+    param_groups = [
+        {"params": params, "lr": cfg.train.lr * mult, "weight_decay": cfg.train.weight_decay if decay else 0.0}
+        for (mult, decay), params in groups.items()
+    ]
     return torch.optim.AdamW(param_groups, lr=cfg.train.lr, betas=(cfg.train.betas[0], cfg.train.betas[1]))
 
 
@@ -65,6 +67,7 @@ def build_engine(model: MultiModalModel, cfg: Config, world: int) -> Any:
     """`deepspeed.initialize` over the model with its AdamW; returns the engine."""
     import deepspeed
 
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg),
-                                           config=deepspeed_config(cfg, world))
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=build_optimizer(model, cfg), config=deepspeed_config(cfg, world)
+    )
     return engine

@@ -6,6 +6,7 @@ concatenated global batch, and so does the rank-averaged gradient (the
 average DeepSpeed and DDP apply). Each rank scores only its own rows against
 all gathered columns. Logged `terms` are already global values.
 """
+
 from __future__ import annotations
 
 from functools import partial
@@ -165,9 +166,7 @@ def _det(g: torch.Tensor) -> torch.Tensor:
     return total
 
 
-def _gram_volumes(
-    anchors: torch.Tensor, data: torch.Tensor, data_available: torch.Tensor, eps: float
-) -> torch.Tensor:
+def _gram_volumes(anchors: torch.Tensor, data: torch.Tensor, data_available: torch.Tensor, eps: float) -> torch.Tensor:
     """Vol(a_p, x_q^1, ..., x_q^K) = sqrt(det G) for every pair (p, q) -> [P, Q].
 
     anchors [P, D]; data [Q, K, D] (zeros where unavailable); data_available
@@ -293,7 +292,11 @@ class _SymmetricEig(torch.autograd.Function):
 
 
 def _leading_directions(
-    x: torch.Tensor, available: torch.Tensor, tau1: float, gap_eps: float, eig_floor: float,
+    x: torch.Tensor,
+    available: torch.Tensor,
+    tau1: float,
+    gap_eps: float,
+    eig_floor: float,
     sign_tol: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row: the leading left singular vector u [B, D] of Z_i (its available
@@ -405,9 +408,15 @@ def pmrl(
 class Objective(Protocol):
     """An alignment objective with its options bound (see `create_objective`)."""
 
-    def __call__(self, emb: dict[str, torch.Tensor], observed: torch.Tensor, logit_scale: torch.Tensor,
-                 modalities: tuple[str, ...] | list[str], *,
-                 available: torch.Tensor | None = None) -> dict[str, torch.Tensor]: ...
+    def __call__(
+        self,
+        emb: dict[str, torch.Tensor],
+        observed: torch.Tensor,
+        logit_scale: torch.Tensor,
+        modalities: tuple[str, ...] | list[str],
+        *,
+        available: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]: ...
 
 
 def create_objective(cfg: LossConfig) -> Objective:

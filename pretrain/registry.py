@@ -14,6 +14,7 @@ and set `model.image.name: my_vit` in the config (import your module before
 the model is built). This module imports nothing of the project but the
 config types, so any tower module can import it without a cycle.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable

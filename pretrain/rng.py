@@ -3,6 +3,7 @@
 A checkpoint stores `rng_state()` per rank and `set_rng_state` restores it, so
 a resumed run draws exactly what the uninterrupted one would have.
 """
+
 from __future__ import annotations
 
 import random

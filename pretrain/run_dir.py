@@ -9,6 +9,7 @@
 Readers of a run (evaluation, the sweep, continued training) go through
 `RunDir`; nothing else opens these paths by name.
 """
+
 from __future__ import annotations
 
 import json
@@ -100,8 +101,10 @@ class RunDir:
         model = MultiModalModel(cfg.model, cfg.data, vocab_size(cfg.data))
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
-            raise RuntimeError(f"checkpoint {self.checkpoints / tag} does not match the model: "
-                               f"missing {missing}, unexpected {unexpected}")
+            raise RuntimeError(
+                f"checkpoint {self.checkpoints / tag} does not match the model: "
+                f"missing {missing}, unexpected {unexpected}"
+            )
         return cfg, model.eval(), tag
 
     def load_completion(self, tag: str = LATEST) -> Completion:

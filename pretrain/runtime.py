@@ -11,6 +11,7 @@ or a process group exists:
   so that every run and test reuses one build;
 - OpenMP/torch threads: the machine's cores shared by the processes on it.
 """
+
 from __future__ import annotations
 
 import os

@@ -6,6 +6,7 @@ caller adds what it needs: a progress bar (the CLI), the Prometheus exporter
 (`cluster.metrics`), a Ray Tune reporter (`cluster.sweep.worker`). Sinks run on
 every rank; one that must speak for the run only checks the rank itself.
 """
+
 from __future__ import annotations
 
 import json
@@ -47,8 +48,7 @@ class ProgressBar:
 
     def on_step(self, result: StepResult) -> None:
         if self.bar is None:  # starts where the run stands (a resumed run is not at 0)
-            self.bar = tqdm(total=self.total, initial=result.step - 1, desc=self.desc, unit="step",
-                            dynamic_ncols=True)
+            self.bar = tqdm(total=self.total, initial=result.step - 1, desc=self.desc, unit="step", dynamic_ncols=True)
         if result.logged:
             self.bar.set_postfix(loss=f"{result.loss:.4f}", sps=f"{result.samples_per_s:.0f}")
         self.bar.update(1)

@@ -5,6 +5,7 @@ The trainer returns a `StepResult` from every step and hands it to its sinks
 `record()` is the flat form the JSONL log and the metrics use; its keys are a
 contract (docs/training.md, cluster/metrics.py).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -36,10 +37,15 @@ class StepResult:
     def record(self) -> dict[str, Any]:
         """The flat record: the JSONL log line and what the metrics exporter reads."""
         out: dict[str, Any] = {
-            "step": self.step, "loss": self.loss, **self.terms,
-            "lr": self.lr, "logit_scale": self.logit_scale,
-            "samples_per_s": self.samples_per_s, "step_time_s": self.step_time_s,
-            "data_wait_s": self.data_wait_s, "completion_time_s": self.completion_time_s,
+            "step": self.step,
+            "loss": self.loss,
+            **self.terms,
+            "lr": self.lr,
+            "logit_scale": self.logit_scale,
+            "samples_per_s": self.samples_per_s,
+            "step_time_s": self.step_time_s,
+            "data_wait_s": self.data_wait_s,
+            "completion_time_s": self.completion_time_s,
             **{f"present/{m}": int(c) for m, c in zip(MODALITIES, self.present)},
             **{f"imputed/{m}": int(c) for m, c in zip(MODALITIES, self.imputed)},
             "calibrator/log_likelihood": self.log_likelihood,

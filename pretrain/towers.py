@@ -6,6 +6,7 @@ features. The pretrained towers register in `pretrain.pretrained`, which this
 module imports so that `build_tower` knows every built-in name; the registry
 itself is `pretrain.registry`.
 """
+
 from __future__ import annotations
 
 import torch
@@ -81,8 +82,11 @@ class ConvAudioTower(Tower):
         layers: list[nn.Module] = []
         channels = n_mels
         for i in range(depth):
-            layers += [nn.Conv1d(channels, width, 3, stride=2 if i else 1, padding=1),
-                       nn.GroupNorm(min(8, width), width), nn.GELU()]
+            layers += [
+                nn.Conv1d(channels, width, 3, stride=2 if i else 1, padding=1),
+                nn.GroupNorm(min(8, width), width),
+                nn.GELU(),
+            ]
             channels = width
         self.body = nn.Sequential(*layers)
         self.out_dim = width
@@ -131,8 +135,10 @@ def _feature_builder(modality: str) -> Builder:
         dim = cfg.options.get("dim")
         unknown = set(cfg.options) - {"dim"}
         if not isinstance(dim, int) or dim < 1 or unknown:
-            raise ValueError(f"{modality} tower 'features' needs options {{dim: N}} (the feature size) and "
-                             f"nothing else; got {cfg.options}")
+            raise ValueError(
+                f"{modality} tower 'features' needs options {{dim: N}} (the feature size) and "
+                f"nothing else; got {cfg.options}"
+            )
         return FeatureTower(modality, dim, cfg.width, cfg.depth)
 
     return build

@@ -8,6 +8,7 @@ with its checkpoints (`pretrain.run_dir`), and sinks that receive each step's
 `StepResult` (`pretrain.sinks`). `build_trainer` is the one way to put them
 together: the CLI, the sweep workers, the benchmark and the tests all use it.
 """
+
 from __future__ import annotations
 
 import time
@@ -37,9 +38,17 @@ from pretrain.step import StepResult
 class Trainer:
     """The loop over already-built parts (see `build_trainer`)."""
 
-    def __init__(self, cfg: Config, run_dir: RunDir, engine: Any, objective: Objective, completion: Completion,
-                 device: torch.device, batches: Iterator[dict[str, Any]] | None = None,
-                 sinks: Iterable[StepSink] = ()):
+    def __init__(
+        self,
+        cfg: Config,
+        run_dir: RunDir,
+        engine: Any,
+        objective: Objective,
+        completion: Completion,
+        device: torch.device,
+        batches: Iterator[dict[str, Any]] | None = None,
+        sinks: Iterable[StepSink] = (),
+    ):
         """`batches` replaces the shard loader (benchmarks feed in-memory batches)."""
         self.cfg = cfg
         self.run_dir = run_dir
@@ -66,8 +75,12 @@ class Trainer:
 
     # -- checkpoints -------------------------------------------------------
     def save(self) -> Path:
-        state = {"loader": self._loader_position(), "rng": rng_state(), "config": self.cfg.to_dict(),
-                 "completion": self.completion.state_dict()}
+        state = {
+            "loader": self._loader_position(),
+            "rng": rng_state(),
+            "config": self.cfg.to_dict(),
+            "completion": self.completion.state_dict(),
+        }
         return self.checkpointer.save(self.engine, self.step, state)
 
     def resume(self, tag: str = "latest") -> None:
@@ -102,9 +115,13 @@ class Trainer:
             rows = {m: e.detach()[complete].float() for m, e in emb.items()}
             calibrator = self.completion.calibrator
             shift = anchor_shift(rows, calibrator, MODALITIES)
-            out["anchor_shift"]["anchor_shift/observed_only"] = sum(r["observed_only"] for r in shift.values()) / len(shift)
+            out["anchor_shift"]["anchor_shift/observed_only"] = sum(r["observed_only"] for r in shift.values()) / len(
+                shift
+            )
             if calibrator is not None:
-                out["anchor_shift"]["anchor_shift/calibrated"] = sum(r["calibrated"] for r in shift.values()) / len(shift)
+                out["anchor_shift"]["anchor_shift/calibrated"] = sum(r["calibrated"] for r in shift.values()) / len(
+                    shift
+                )
         return out
 
     def train_step(self) -> StepResult:
@@ -147,11 +164,21 @@ class Trainer:
         elapsed = time.perf_counter() - start
         samples = cfg.data.batch_size * cfg.train.grad_accum * self.world
         return StepResult(
-            step=self.step, loss=loss_value, terms=terms, lr=float(self.engine.get_lr()[0]),
-            logit_scale=logit_scale, samples_per_s=samples / elapsed, step_time_s=elapsed, data_wait_s=data_wait,
-            completion_time_s=completion_time, present=present_counts.tolist(), imputed=imputed_counts.tolist(),
-            logged=logged, log_likelihood=diagnostics.get("log_likelihood"),
-            calibrator=self.completion.extra_metrics(), anchor_shift=diagnostics.get("anchor_shift", {}),
+            step=self.step,
+            loss=loss_value,
+            terms=terms,
+            lr=float(self.engine.get_lr()[0]),
+            logit_scale=logit_scale,
+            samples_per_s=samples / elapsed,
+            step_time_s=elapsed,
+            data_wait_s=data_wait,
+            completion_time_s=completion_time,
+            present=present_counts.tolist(),
+            imputed=imputed_counts.tolist(),
+            logged=logged,
+            log_likelihood=diagnostics.get("log_likelihood"),
+            calibrator=self.completion.extra_metrics(),
+            anchor_shift=diagnostics.get("anchor_shift", {}),
             bad_samples=self.batches.state.bad_samples if isinstance(self.batches, BatchLoader) else None,
             time=time.time(),
         )
@@ -188,8 +215,13 @@ class Trainer:
         return history
 
 
-def build_trainer(cfg: Config, run_dir: RunDir | str | Path | None = None, *,
-                  batches: Iterator[dict[str, Any]] | None = None, sinks: Iterable[StepSink] = ()) -> Trainer:
+def build_trainer(
+    cfg: Config,
+    run_dir: RunDir | str | Path | None = None,
+    *,
+    batches: Iterator[dict[str, Any]] | None = None,
+    sinks: Iterable[StepSink] = (),
+) -> Trainer:
     """Join (or make) the process group and build every part of a run from `cfg`.
 
     `run_dir` defaults to `train.out_dir`; rank 0 writes the resolved config

@@ -1,4 +1,5 @@
 """Shared test utilities: tiny configs, the CLI in a subprocess, and a real multi-process (gloo) runner."""
+
 from __future__ import annotations
 
 import os
@@ -21,16 +22,24 @@ REPO = REPO_ROOT
 CALMRL = str(Path(sys.executable).parent / "calmrl")  # the installed console script
 
 
-def run_cli(*args: str, timeout: float = 300, env: dict[str, str] | None = None,
-            cwd: str | Path = REPO) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, timeout: float = 300, env: dict[str, str] | None = None, cwd: str | Path = REPO
+) -> subprocess.CompletedProcess:
     """`calmrl ARGS` through the installed console script, in its own process group.
 
     One OpenMP thread per process unless `env` says otherwise (tests share two
     cores). Past `timeout` the whole group (torchrun, ranks, Ray) is killed and
     the test fails with the output so far: a hang never blocks the suite."""
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
-    proc = subprocess.Popen([CALMRL, *args], cwd=cwd, env=full_env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [CALMRL, *args],
+        cwd=cwd,
+        env=full_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -44,13 +53,22 @@ def tiny_config(shards: str | Path, out_dir: str | Path, **sections: dict[str, A
     """A very small model and batch for tests; `sections` override per section."""
     tree: dict[str, Any] = {
         "data": {"shards": str(shards), "batch_size": 16, "num_workers": 0, "shuffle_buffer": 32},
-        "model": {"embed_dim": 32,
-                  "image": {"name": "cnn", "width": 32, "depth": 2},
-                  "text": {"name": "transformer", "width": 32, "depth": 1, "heads": 2},
-                  "audio": {"name": "conv1d", "width": 32, "depth": 2}},
+        "model": {
+            "embed_dim": 32,
+            "image": {"name": "cnn", "width": 32, "depth": 2},
+            "text": {"name": "transformer", "width": 32, "depth": 1, "heads": 2},
+            "audio": {"name": "conv1d", "width": 32, "depth": 2},
+        },
         "calibration": {"method": "calmrl", "warmup_steps": 3, "latent_dim": 8},
-        "train": {"out_dir": str(out_dir), "steps": 30, "lr": 3e-3, "warmup_steps": 3,
-                  "zero_stage": 1, "log_every": 1, "ckpt_every": 0},
+        "train": {
+            "out_dir": str(out_dir),
+            "steps": 30,
+            "lr": 3e-3,
+            "warmup_steps": 3,
+            "zero_stage": 1,
+            "log_every": 1,
+            "ckpt_every": 0,
+        },
     }
     for name, values in sections.items():
         tree[name] = {**tree.get(name, {}), **values}
@@ -58,8 +76,14 @@ def tiny_config(shards: str | Path, out_dir: str | Path, **sections: dict[str, A
 
 
 def _child(fn: Callable, rank: int, world: int, port: int, out_dir: str, args: tuple) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
     configure_runtime(threads=1)
     path = Path(out_dir) / f"result_{rank}.pkl"
     try:

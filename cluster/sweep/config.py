@@ -4,6 +4,7 @@ See `cluster/sweep/__init__.py` for the file format. A sweep file is checked
 in full before Ray starts: unknown keys, wrong types, swept keys that are not
 config keys, and every swept value tried on the base config.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -59,8 +60,10 @@ def _check_key(dotted: str, source: str) -> None:
     node: Any = Config()
     for part in dotted.split("."):
         if not dataclasses.is_dataclass(node) or part not in {f.name for f in dataclasses.fields(node)}:
-            raise SweepError(f"{source}: params/overrides key '{dotted}' is not a config key "
-                             "(use dotted keys such as calibration.method, train.lr)")
+            raise SweepError(
+                f"{source}: params/overrides key '{dotted}' is not a config key "
+                "(use dotted keys such as calibration.method, train.lr)"
+            )
         node = getattr(node, part)
     if dataclasses.is_dataclass(node):
         raise SweepError(f"{source}: '{dotted}' is a config section; sweep one of its keys")
@@ -78,16 +81,21 @@ def _param_values(key: str, spec: Any, source: str) -> list[Any]:
         return spec
     if isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in DISTRIBUTIONS:
         kind, bounds = next(iter(spec.items()))
-        if not (isinstance(bounds, list) and len(bounds) == 2
-                and all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in bounds)
-                and bounds[0] < bounds[1]):
+        if not (
+            isinstance(bounds, list)
+            and len(bounds) == 2
+            and all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in bounds)
+            and bounds[0] < bounds[1]
+        ):
             raise SweepError(f"{source}: params.{key}: {kind} needs [low, high] with low < high, got {bounds!r}")
         if kind == "loguniform" and bounds[0] <= 0:
             raise SweepError(f"{source}: params.{key}: loguniform bounds must be positive")
         return [bounds[0], bounds[1] - 1 if kind == "randint" else bounds[1]]
-    raise SweepError(f"{source}: params.{key} must be a list of values or one of "
-                     f"{{{', '.join(f'{d}: [low, high]' for d in DISTRIBUTIONS)}}}; put fixed values in "
-                     f"'overrides' (got {spec!r})")
+    raise SweepError(
+        f"{source}: params.{key} must be a list of values or one of "
+        f"{{{', '.join(f'{d}: [low, high]' for d in DISTRIBUTIONS)}}}; put fixed values in "
+        f"'overrides' (got {spec!r})"
+    )
 
 
 def load_sweep(path: str | Path, check_params: bool = True) -> SweepConfig:
@@ -112,8 +120,13 @@ def load_sweep(path: str | Path, check_params: bool = True) -> SweepConfig:
         raise SweepError(f"{source}: 'search' must be grid or random (got {sweep.search!r})")
     if not sweep.params:
         raise SweepError(f"{source}: 'params' must name at least one config key to sweep")
-    for name, low in (("num_samples", 1), ("workers_per_trial", 1), ("max_concurrent_trials", 1),
-                      ("report_every", 1), ("max_failures", 0)):
+    for name, low in (
+        ("num_samples", 1),
+        ("workers_per_trial", 1),
+        ("max_concurrent_trials", 1),
+        ("report_every", 1),
+        ("max_failures", 0),
+    ):
         if getattr(sweep, name) < low:
             raise SweepError(f"{source}: '{name}' must be >= {low} (got {getattr(sweep, name)})")
     if sweep.cpus_per_worker < 0:
@@ -130,8 +143,10 @@ def load_sweep(path: str | Path, check_params: bool = True) -> SweepConfig:
         raise SweepError(f"{source}: metric '{sweep.metric}' needs an 'eval_split'")
     if sweep.asha.enabled:
         if sweep.asha.metric not in STEP_METRICS:
-            raise SweepError(f"{source}: asha.metric must be one of {', '.join(STEP_METRICS)} (reported every "
-                             f"step); validation metrics exist only at a trial's end")
+            raise SweepError(
+                f"{source}: asha.metric must be one of {', '.join(STEP_METRICS)} (reported every "
+                f"step); validation metrics exist only at a trial's end"
+            )
         if sweep.asha.grace_period < 1 or sweep.asha.reduction_factor < 2 or sweep.asha.max_t < 0:
             raise SweepError(f"{source}: asha needs grace_period >= 1, reduction_factor >= 2, max_t >= 0")
     for key in (*sweep.params, *sweep.overrides):
@@ -162,8 +177,9 @@ def trial_base_config(sweep: SweepConfig) -> dict[str, Any]:
     """The base config plus the fixed overrides, as a plain tree with absolute local paths."""
     cfg = load_config(sweep.base_config)
     try:
-        tree = config_from_dict(deep_merge(cfg.to_dict(), nest_dotted(sweep.overrides)),
-                                f"{sweep.base_config} (sweep overrides)").to_dict()
+        tree = config_from_dict(
+            deep_merge(cfg.to_dict(), nest_dotted(sweep.overrides)), f"{sweep.base_config} (sweep overrides)"
+        ).to_dict()
     except ConfigError as exc:
         raise SweepError(str(exc)) from None
     tree["data"]["shards"] = _abs(tree["data"]["shards"])  # trials run in other working directories
@@ -174,6 +190,12 @@ def trial_base_config(sweep: SweepConfig) -> dict[str, Any]:
 
 def plan_fingerprint(sweep: SweepConfig) -> dict[str, Any]:
     """What must not change between a sweep and its resumption."""
-    return {"base": trial_base_config(sweep), "params": sweep.params, "search": sweep.search,
-            "num_samples": sweep.num_samples, "workers_per_trial": sweep.workers_per_trial,
-            "eval_split": sweep.eval_split, "asha": dataclasses.asdict(sweep.asha)}
+    return {
+        "base": trial_base_config(sweep),
+        "params": sweep.params,
+        "search": sweep.search,
+        "num_samples": sweep.num_samples,
+        "workers_per_trial": sweep.workers_per_trial,
+        "eval_split": sweep.eval_split,
+        "asha": dataclasses.asdict(sweep.asha),
+    }

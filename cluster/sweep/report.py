@@ -1,4 +1,5 @@
 """A sweep's results: one row per trial, as CSV, a Markdown table and a bar plot."""
+
 from __future__ import annotations
 
 import csv
@@ -68,23 +69,32 @@ def best_row(rows: list[dict[str, Any]], metric: str, mode: str) -> dict[str, An
 
 
 def markdown_table(rows: list[dict[str, Any]], sweep: SweepConfig) -> str:
-    shown = [c for c in ["step", "loss", "val/mean_R@1", "val/mean_R@5", "val/mean_R@10", "val/num_complete"]
-             if any(c in r for r in rows)]
+    shown = [
+        c
+        for c in ["step", "loss", "val/mean_R@1", "val/mean_R@5", "val/mean_R@10", "val/num_complete"]
+        if any(c in r for r in rows)
+    ]
     if sweep.metric not in shown and any(sweep.metric in r for r in rows):
         shown.append(sweep.metric)
-    lines = [f"# Sweep {sweep.out_dir}", "",
-             f"search: {sweep.search}, {len(rows)} trials, {sweep.workers_per_trial} workers each; "
-             f"metric {sweep.metric} ({sweep.mode})", "",
-             "| trial | params | status | " + " | ".join(shown) + " |",
-             "|---|---|---|" + "---|" * len(shown)]
+    lines = [
+        f"# Sweep {sweep.out_dir}",
+        "",
+        f"search: {sweep.search}, {len(rows)} trials, {sweep.workers_per_trial} workers each; "
+        f"metric {sweep.metric} ({sweep.mode})",
+        "",
+        "| trial | params | status | " + " | ".join(shown) + " |",
+        "|---|---|---|" + "---|" * len(shown),
+    ]
     for r in rows:
         params = ", ".join(f"{k}={_fmt(r.get(k))}" for k in sweep.params)
         lines.append(f"| {r['trial']} | {params} | {r['status']} | " + " | ".join(_fmt(r.get(c)) for c in shown) + " |")
     best = best_row(rows, sweep.metric, sweep.mode)
     if best is not None:
         params = ", ".join(f"{k}={_fmt(best.get(k))}" for k in sweep.params)
-        lines += ["", f"Best by {sweep.metric} ({sweep.mode}): trial {best['trial']} ({params}): "
-                      f"{_fmt(best[sweep.metric])}"]
+        lines += [
+            "",
+            f"Best by {sweep.metric} ({sweep.mode}): trial {best['trial']} ({params}): {_fmt(best[sweep.metric])}",
+        ]
     errors = [r for r in rows if r.get("error")]
     for r in errors:
         lines.append(f"\nTrial {r['trial']} failed: {r['error']}")
@@ -104,14 +114,23 @@ def plot(rows: list[dict[str, Any]], sweep: SweepConfig, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(max(4.0, 1.2 * len(rows) + 2), 4.0))
     bars = ax.bar(range(len(rows)), [0.0 if math.isnan(v) else v for v in values], color=colours)
     for bar, v in zip(bars, values):
-        ax.annotate("n/a" if math.isnan(v) else f"{v:.3g}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                    ha="center", va="bottom", fontsize=8)
+        ax.annotate(
+            "n/a" if math.isnan(v) else f"{v:.3g}",
+            (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+            ha="center",
+            va="bottom",
+            fontsize=8,
+        )
     ax.set_xticks(range(len(rows)))
-    ax.set_xticklabels(labels, rotation=30 if len(rows) > 3 else 0, ha="right" if len(rows) > 3 else "center",
-                       fontsize=8)
+    ax.set_xticklabels(
+        labels, rotation=30 if len(rows) > 3 else 0, ha="right" if len(rows) > 3 else "center", fontsize=8
+    )
     ax.set_ylabel(sweep.metric)
-    ax.set_title(f"{Path(sweep.out_dir).name}: {sweep.metric} per trial ({'higher' if sweep.mode == 'max' else 'lower'}"
-                 " is better)", fontsize=9)
+    ax.set_title(
+        f"{Path(sweep.out_dir).name}: {sweep.metric} per trial ({'higher' if sweep.mode == 'max' else 'lower'}"
+        " is better)",
+        fontsize=9,
+    )
     fig.tight_layout()
     atomic_save_figure(fig, path, dpi=100)
     plt.close(fig)
@@ -134,5 +153,7 @@ def summary_line(rows: list[dict[str, Any]], sweep: SweepConfig, paths: dict[str
     if best is not None:
         params = ", ".join(f"{k}={_fmt(best.get(k))}" for k in sweep.params)
         best_text = f"{_fmt(best[sweep.metric])} ({params}, trial {best['trial']})"
-    return (f"sweep {sweep.out_dir}: {done}/{len(rows)} trials done, {failed} failed; "
-            f"best {sweep.metric} {best_text}; table {paths['md']}")
+    return (
+        f"sweep {sweep.out_dir}: {done}/{len(rows)} trials done, {failed} failed; "
+        f"best {sweep.metric} {best_text}; table {paths['md']}"
+    )

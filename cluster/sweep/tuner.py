@@ -1,6 +1,7 @@
 """Running the sweep: Ray on loopback (or the cluster in RAY_ADDRESS), the Tune
 experiment (new, or restored from the sweep folder), and the end-to-end `run_sweep`.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,8 +26,9 @@ def param_space(sweep: SweepConfig) -> dict[str, Any]:
             space[key] = tune.grid_search(spec) if sweep.search == "grid" else tune.choice(spec)
         else:
             kind, (low, high) = next(iter(spec.items()))
-            space[key] = {"loguniform": tune.loguniform, "uniform": tune.uniform,
-                          "randint": tune.randint}[kind](low, high)
+            space[key] = {"loguniform": tune.loguniform, "uniform": tune.uniform, "randint": tune.randint}[kind](
+                low, high
+            )
     return space
 
 
@@ -53,8 +55,11 @@ def _loopback_only() -> None:
 
 
 def start_ray(sweep: SweepConfig) -> None:
-    env_vars = {k: os.environ[k] for k in ("TORCH_EXTENSIONS_DIR", "CALMRL_CACHE", "AWS_ENDPOINT_URL",
-                                           "S3_ENDPOINT_URL") if k in os.environ}
+    env_vars = {
+        k: os.environ[k]
+        for k in ("TORCH_EXTENSIONS_DIR", "CALMRL_CACHE", "AWS_ENDPOINT_URL", "S3_ENDPOINT_URL")
+        if k in os.environ
+    }
     if not sweep.use_gpu:
         env_vars["DS_ACCELERATOR"] = "cpu"  # DeepSpeed's CPU accelerator (gloo)
     runtime_env = {"env_vars": env_vars}
@@ -75,9 +80,14 @@ def start_ray(sweep: SweepConfig) -> None:
     # The dashboard (on 127.0.0.1) serves the State API that Ray Train's placement-group cleaner
     # needs: without it a trial that Tune stops early (ASHA) leaks its workers' resources and the
     # next trial never starts (needs ray[default]).
-    ray.init(_node_ip_address="127.0.0.1", num_cpus=max(os.cpu_count() or 1, math.ceil(need)),
-             include_dashboard=True, dashboard_host="127.0.0.1", runtime_env=runtime_env,
-             configure_logging=False)
+    ray.init(
+        _node_ip_address="127.0.0.1",
+        num_cpus=max(os.cpu_count() or 1, math.ceil(need)),
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        runtime_env=runtime_env,
+        configure_logging=False,
+    )
 
 
 def should_restore(sweep: SweepConfig, resume: str) -> bool:
@@ -94,8 +104,10 @@ def should_restore(sweep: SweepConfig, resume: str) -> bool:
             raise SweepError(f"{out} already holds a sweep; drop --no-resume to resume it, or use a new out_dir")
         fingerprint = json.loads(json.dumps(plan_fingerprint(sweep)))
         if plan_file.is_file() and json.loads(plan_file.read_text()) != fingerprint:
-            raise SweepError(f"{out} holds a sweep of a different plan (params, search, base config, "
-                             "overrides or eval split changed); use a new out_dir")
+            raise SweepError(
+                f"{out} holds a sweep of a different plan (params, search, base config, "
+                "overrides or eval split changed); use a new out_dir"
+            )
         return True
     if resume == "always":
         raise SweepError(f"--resume: {exp_dir} holds no sweep to resume")
@@ -109,34 +121,49 @@ def build_tuner(sweep: SweepConfig, restore: bool) -> Any:
     out = Path(sweep.out_dir)
     exp_dir = out / "tune"
     fingerprint = plan_fingerprint(sweep)
-    plan = {"base": fingerprint["base"], "runs_dir": str(out / "runs"), "train_storage": str(out / "train"),
-            "eval_split": sweep.eval_split, "report_every": sweep.report_every,
-            "workers_per_trial": sweep.workers_per_trial, "use_gpu": sweep.use_gpu,
-            "cpus_per_worker": sweep.cpus_per_worker}
+    plan = {
+        "base": fingerprint["base"],
+        "runs_dir": str(out / "runs"),
+        "train_storage": str(out / "train"),
+        "eval_split": sweep.eval_split,
+        "report_every": sweep.report_every,
+        "workers_per_trial": sweep.workers_per_trial,
+        "use_gpu": sweep.use_gpu,
+        "cpus_per_worker": sweep.cpus_per_worker,
+    }
     trainable = tune.with_parameters(run_trial, plan=plan)
     if restore:
         print(f"sweep: resuming {exp_dir}", file=sys.stderr)
-        return tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True,
-                                  resume_errored=True)
+        return tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True, resume_errored=True)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "sweep.json", fingerprint)
     scheduler = None
     if sweep.asha.enabled:
         from ray.tune.schedulers import ASHAScheduler
 
-        scheduler = ASHAScheduler(time_attr="step", metric=sweep.asha.metric, mode=sweep.asha.mode,
-                                  max_t=sweep.asha.max_t or fingerprint["base"]["train"]["steps"],
-                                  grace_period=sweep.asha.grace_period,
-                                  reduction_factor=sweep.asha.reduction_factor)
+        scheduler = ASHAScheduler(
+            time_attr="step",
+            metric=sweep.asha.metric,
+            mode=sweep.asha.mode,
+            max_t=sweep.asha.max_t or fingerprint["base"]["train"]["steps"],
+            grace_period=sweep.asha.grace_period,
+            reduction_factor=sweep.asha.reduction_factor,
+        )
     return tune.Tuner(
         trainable,
         param_space=param_space(sweep),
-        tune_config=tune.TuneConfig(num_samples=sweep.num_samples, scheduler=scheduler,
-                                    max_concurrent_trials=sweep.max_concurrent_trials,
-                                    trial_dirname_creator=trial_dirname),
-        run_config=tune.RunConfig(name="tune", storage_path=str(out),
-                                  failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
-                                  verbose=1),
+        tune_config=tune.TuneConfig(
+            num_samples=sweep.num_samples,
+            scheduler=scheduler,
+            max_concurrent_trials=sweep.max_concurrent_trials,
+            trial_dirname_creator=trial_dirname,
+        ),
+        run_config=tune.RunConfig(
+            name="tune",
+            storage_path=str(out),
+            failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
+            verbose=1,
+        ),
     )
 
 

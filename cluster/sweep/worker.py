@@ -9,6 +9,7 @@ the validation split and reports it with a `ray.train.Checkpoint` of the run
 folder (Ray Train keeps a report's metrics as the run's result only when it
 carries one).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -60,8 +61,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     trainer = build_trainer(cfg, run, sinks=[reporter])  # joins Ray's process group
     # A restarted trial (resumed sweep, retried failure) continues its own run.
     history = trainer.fit(resume="auto")
-    metrics: dict[str, Any] = {"step": trainer.step,
-                               "loss": history[-1].loss if history else run.last_logged_loss()}
+    metrics: dict[str, Any] = {"step": trainer.step, "loss": history[-1].loss if history else run.last_logged_loss()}
     if history:
         metrics["samples_per_s"] = sum(h.samples_per_s for h in history) / len(history)
     checkpoint = None
@@ -92,12 +92,17 @@ def run_trial(params: dict[str, Any], plan: dict[str, Any]) -> None:
     resources = {"CPU": plan["cpus_per_worker"]}
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"config": cfg.to_dict(), "eval_split": plan["eval_split"],
-                           "report_every": plan["report_every"]},
-        scaling_config=ray.train.ScalingConfig(num_workers=plan["workers_per_trial"], use_gpu=plan["use_gpu"],
-                                               resources_per_worker=resources),
+        train_loop_config={
+            "config": cfg.to_dict(),
+            "eval_split": plan["eval_split"],
+            "report_every": plan["report_every"],
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=plan["workers_per_trial"], use_gpu=plan["use_gpu"], resources_per_worker=resources
+        ),
         run_config=ray.train.RunConfig(
-            name=f"train-{trial_id}", storage_path=plan["train_storage"],
+            name=f"train-{trial_id}",
+            storage_path=plan["train_storage"],
             callbacks=[TuneReportCallback()],  # forwards every worker report to this trial
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
             failure_config=ray.train.FailureConfig(max_failures=0),

@@ -10,6 +10,7 @@ metadata, `KEY.png|jpg|webp`, `KEY.txt` (an English caption) and any number of
 audio tracks `KEY.audio{i}.{ogg,flac,wav}` listed in the metadata's
 `audio_tracks`.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -77,8 +78,10 @@ def parse_split_fractions(text: str) -> tuple[float, float, float]:
     except ValueError:
         raise SourceError(f"--split-fractions '{text}': expected three numbers like 0.8,0.1,0.1") from None
     if len(values) != 3 or any(v < 0 for v in values) or abs(sum(values) - 1.0) > 1e-6:
-        raise SourceError(f"--split-fractions '{text}': expected three non-negative fractions "
-                          "(train,val,test) summing to 1, like 0.8,0.1,0.1")
+        raise SourceError(
+            f"--split-fractions '{text}': expected three non-negative fractions "
+            "(train,val,test) summing to 1, like 0.8,0.1,0.1"
+        )
     return values  # type: ignore[return-value]
 
 

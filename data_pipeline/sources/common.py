@@ -17,6 +17,7 @@ reason, in every index's `build.skipped`) and goes on. A record left with no
 modality (e.g. only an empty caption) is always counted and skipped: docs/design.md
 says such a sample is an error in the data, never written.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -119,8 +120,11 @@ def check_image(data: bytes, origin: str) -> tuple[str, bytes, dict[str, Any]]:
                 img.save(buf, format="PNG")
                 data, ext = buf.getvalue(), "png"
     except Exception as exc:  # PIL raises many types for bad bytes
-        raise BadRecord("bad_image", f"{origin}: image does not decode ({type(exc).__name__}: {exc}); "
-                        f"replace or delete the file, {SKIP_BAD_HINT}") from exc
+        raise BadRecord(
+            "bad_image",
+            f"{origin}: image does not decode ({type(exc).__name__}: {exc}); "
+            f"replace or delete the file, {SKIP_BAD_HINT}",
+        ) from exc
     info = {"width": width, "height": height, "mode": mode, "has_alpha": has_alpha, "format": fmt}
     return ext, data, info
 
@@ -134,12 +138,18 @@ def check_audio(data: bytes, origin: str, full_decode: bool = True) -> dict[str,
             wave, _ = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
             frames = wave.shape[0]
     except Exception as exc:
-        raise BadRecord("bad_audio", f"{origin}: audio does not decode ({type(exc).__name__}: {exc}); "
-                        f"replace or delete the file, {SKIP_BAD_HINT}") from exc
+        raise BadRecord(
+            "bad_audio",
+            f"{origin}: audio does not decode ({type(exc).__name__}: {exc}); "
+            f"replace or delete the file, {SKIP_BAD_HINT}",
+        ) from exc
     if frames <= 0:
         raise BadRecord("bad_audio", f"{origin}: audio holds no samples; replace or delete the file, {SKIP_BAD_HINT}")
-    return {"sample_rate": int(info.samplerate), "channels": int(info.channels),
-            "seconds": round(frames / info.samplerate, 4)}
+    return {
+        "sample_rate": int(info.samplerate),
+        "channels": int(info.channels),
+        "seconds": round(frames / info.samplerate, 4),
+    }
 
 
 def check_caption(data: bytes, origin: str) -> str | None:
@@ -147,8 +157,9 @@ def check_caption(data: bytes, origin: str) -> str | None:
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise BadRecord("bad_caption", f"{origin}: caption is not UTF-8 ({exc}); re-save it as UTF-8, "
-                        f"{SKIP_BAD_HINT}") from exc
+        raise BadRecord(
+            "bad_caption", f"{origin}: caption is not UTF-8 ({exc}); re-save it as UTF-8, {SKIP_BAD_HINT}"
+        ) from exc
     text = text.strip()
     return text or None
 
@@ -172,8 +183,9 @@ class Track:
     info: dict[str, Any] = field(default_factory=dict)  # file, sample_rate, channels, seconds
 
 
-def assemble(key: str, meta: dict[str, Any], image: tuple[str, bytes] | None,
-             caption: str | None, tracks: list[Track]) -> dict[str, Any]:
+def assemble(
+    key: str, meta: dict[str, Any], image: tuple[str, bytes] | None, caption: str | None, tracks: list[Track]
+) -> dict[str, Any]:
     """A sample for ShardSetWriter; metadata gets `modalities` and `audio_tracks`."""
     sample: dict[str, Any] = {"__key__": key}
     modalities = []
@@ -232,7 +244,8 @@ class SplitStats:
         }
         if self.by_policy:
             out["pattern_counts_by_audio_policy"] = {
-                name: dict(sorted(c.items())) for name, c in self.by_policy.items()}
+                name: dict(sorted(c.items())) for name, c in self.by_policy.items()
+            }
         return out
 
 
@@ -251,10 +264,15 @@ class WriteResult:
     totals: Counter[str]  # pattern counts over all splits
 
 
-def write_records(opts: BuildOptions, source: str, records: list[Record], extra_index: dict[str, Any],
-                  build_info: dict[str, Any] | None = None,
-                  audio_policies: dict[str, TrackFilter] | None = None,
-                  skipped_before: dict[str, int] | None = None) -> WriteResult:
+def write_records(
+    opts: BuildOptions,
+    source: str,
+    records: list[Record],
+    extra_index: dict[str, Any],
+    build_info: dict[str, Any] | None = None,
+    audio_policies: dict[str, TrackFilter] | None = None,
+    skipped_before: dict[str, int] | None = None,
+) -> WriteResult:
     """Write every record to its split (train/val/test), then the tokenizer of the train captions.
 
     Records go to `out/<split>/` in an order fixed by the hash of their key, so
@@ -264,8 +282,10 @@ def write_records(opts: BuildOptions, source: str, records: list[Record], extra_
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
     fractions = opts.split_fractions or DEFAULT_SPLIT_FRACTIONS
-    assigned = sorted(((split_of(r.group, fractions, opts.seed), hash_unit(r.key), r) for r in records),
-                      key=lambda t: (SPLITS.index(t[0]), t[1]))
+    assigned = sorted(
+        ((split_of(r.group, fractions, opts.seed), hash_unit(r.key), r) for r in records),
+        key=lambda t: (SPLITS.index(t[0]), t[1]),
+    )
     stats = {s: SplitStats(audio_policies or {}) for s in SPLITS}
     skipped: Counter[str] = Counter(skipped_before or {})  # records dropped before loading (bad manifest lines)
     totals: Counter[str] = Counter()
@@ -274,8 +294,14 @@ def write_records(opts: BuildOptions, source: str, records: list[Record], extra_
     with ExitStack() as stack:
         writers = {}
         for split in SPLITS:
-            extra = {"source": source, "split": split, "tokenizer": "../tokenizer.json",
-                     "split_fractions": list(fractions), "split_seed": opts.seed, **extra_index}
+            extra = {
+                "source": source,
+                "split": split,
+                "tokenizer": "../tokenizer.json",
+                "split_fractions": list(fractions),
+                "split_seed": opts.seed,
+                **extra_index,
+            }
             writers[split] = stack.enter_context(ShardSetWriter(out / split, opts.shard_size, extra))
         bar = tqdm(assigned, desc=f"{source} shards", unit="sample", disable=not opts.progress)
         for split, _, record in bar:
@@ -298,8 +324,12 @@ def write_records(opts: BuildOptions, source: str, records: list[Record], extra_
             if split == "train" and "txt" in sample:
                 train_captions.append(sample["txt"].decode("utf-8"))
         bar.close()
-        build = {**(build_info or {}), "records": len(records), "written": written,
-                 "skipped": dict(sorted(skipped.items()))}
+        build = {
+            **(build_info or {}),
+            "records": len(records),
+            "written": written,
+            "skipped": dict(sorted(skipped.items())),
+        }
         for split, writer in writers.items():
             writer.extra_index.update(stats[split].to_index())
             writer.extra_index["build"] = build
@@ -318,8 +348,9 @@ def format_counts(counts: dict[str, int]) -> str:
 
 
 def split_summary(indexes: dict[str, dict[str, Any]]) -> str:
-    return ", ".join(f"{split} {idx['num_samples']} samples in {len(idx['shards'])} shards"
-                     for split, idx in indexes.items())
+    return ", ".join(
+        f"{split} {idx['num_samples']} samples in {len(idx['shards'])} shards" for split, idx in indexes.items()
+    )
 
 
 def label_classes(names: Iterable[str]) -> tuple[list[str], dict[str, int]]:

@@ -17,6 +17,7 @@ decoded stops the build with its path and the fix, or, with --skip-bad, its
 record is skipped and counted; a record left with no modality is skipped and
 counted. The split is by the hash of the record's path (--split-fractions).
 """
+
 from __future__ import annotations
 
 from collections import Counter
@@ -50,17 +51,26 @@ def reject_synthetic_flags(opts: BuildOptions, source: str) -> None:
         raise SourceError(f"--source {source} takes no --num-samples, --image-size or --cache")
 
 
-def _load(files: list[Path], root: Path, key: str, stem: str, label: int, label_name: str | None,
-          counters: Counter[str]) -> dict[str, Any]:
+def _load(
+    files: list[Path], root: Path, key: str, stem: str, label: int, label_name: str | None, counters: Counter[str]
+) -> dict[str, Any]:
     images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
     texts = [p for p in files if p.suffix.lower() in TEXT_SUFFIXES]
     audios = [p for p in files if p.suffix.lower() in AUDIO_SUFFIXES]
     rel = lambda p: str(p.relative_to(root))  # noqa: E731
     if len(images) > 1:
-        raise BadRecord("ambiguous_image", f"{root}: record '{stem}' has {len(images)} images "
-                        f"({', '.join(rel(p) for p in images)}); keep one per stem, {SKIP_BAD_HINT}")
-    meta: dict[str, Any] = {"source": "folder", "label": label, "class": label_name, "record": stem,
-                            "files": [rel(p) for p in files]}
+        raise BadRecord(
+            "ambiguous_image",
+            f"{root}: record '{stem}' has {len(images)} images "
+            f"({', '.join(rel(p) for p in images)}); keep one per stem, {SKIP_BAD_HINT}",
+        )
+    meta: dict[str, Any] = {
+        "source": "folder",
+        "label": label,
+        "class": label_name,
+        "record": stem,
+        "files": [rel(p) for p in files],
+    }
     image = None
     if images:
         ext, data, info = check_image(read_file(images[0], rel(images[0])), str(images[0]))
@@ -83,8 +93,9 @@ def _load(files: list[Path], root: Path, key: str, stem: str, label: int, label_
 def build_folder(opts: BuildOptions) -> BuildReport:
     reject_synthetic_flags(opts, "folder")
     if opts.input is None:
-        raise SourceError("--source folder needs --input DIR "
-                          "(a folder of NAME.png/.jpg, NAME.txt, NAME.wav/.ogg/.flac)")
+        raise SourceError(
+            "--source folder needs --input DIR (a folder of NAME.png/.jpg, NAME.txt, NAME.wav/.ogg/.flac)"
+        )
     root = Path(opts.input)
     if not root.is_dir():
         raise SourceError(f"--input {root}: not a folder")
@@ -103,8 +114,10 @@ def build_folder(opts: BuildOptions) -> BuildReport:
             continue
         groups.setdefault(str(rel.with_suffix("")), []).append(path)
     if not groups:
-        raise SourceError(f"--input {root}: no image ({', '.join(IMAGE_SUFFIXES)}), caption (.txt) or audio "
-                          f"({', '.join(AUDIO_SUFFIXES)}) file found")
+        raise SourceError(
+            f"--input {root}: no image ({', '.join(IMAGE_SUFFIXES)}), caption (.txt) or audio "
+            f"({', '.join(AUDIO_SUFFIXES)}) file found"
+        )
     labelled = {stem.split("/", 1)[0] for stem in groups if "/" in stem}
     classes, class_id = label_classes(labelled)
     counters: Counter[str] = Counter()
@@ -115,12 +128,15 @@ def build_folder(opts: BuildOptions) -> BuildReport:
         name = stem.split("/", 1)[0] if "/" in stem else None
         label = class_id[name] if name is not None else -1
         key = make_key(stem)
-        records.append(Record(key, stem, lambda f=files, k=key, s=stem, lab=label, n=name:
-                              _load(f, root, k, s, lab, n, counters)))
+        records.append(
+            Record(key, stem, lambda f=files, k=key, s=stem, lab=label, n=name: _load(f, root, k, s, lab, n, counters))
+        )
     extra = {"num_classes": len(classes), "classes": classes, "input": str(root)}
     result = write_records(opts, "folder", records, extra, build)
-    summary = (f"wrote {opts.out} from folder {root}: {len(records)} records ({split_summary(result.indexes)}); "
-               f"patterns: {format_counts(dict(result.totals))}; {len(classes)} classes; "
-               f"empty captions {counters['empty_captions']}, skipped {format_counts(dict(result.skipped))}, "
-               f"ignored files {ignored}")
+    summary = (
+        f"wrote {opts.out} from folder {root}: {len(records)} records ({split_summary(result.indexes)}); "
+        f"patterns: {format_counts(dict(result.totals))}; {len(classes)} classes; "
+        f"empty captions {counters['empty_captions']}, skipped {format_counts(dict(result.skipped))}, "
+        f"ignored files {ignored}"
+    )
     return BuildReport(result.indexes, summary, {"build": build})

@@ -16,6 +16,7 @@ Lines with the same id (e.g. one image with five captions) go to the same
 split and get keys `name`, `name-1`, ... Errors name the line and the file;
 --skip-bad counts and skips unusable lines instead.
 """
+
 from __future__ import annotations
 
 import json
@@ -55,8 +56,11 @@ def _track_specs(value: Any, where: str) -> list[dict[str, Any]]:
         if isinstance(item, str):
             item = {"path": item}
         if not isinstance(item, dict) or not isinstance(item.get("path"), str) or set(item) - {"path", "kind", "lang"}:
-            raise BadRecord("bad_line", f"{where}: 'audio' must be a path, or a list of paths or of "
-                            f'{{"path", "kind", "lang"}} objects; got {json.dumps(item)[:120]}')
+            raise BadRecord(
+                "bad_line",
+                f"{where}: 'audio' must be a path, or a list of paths or of "
+                f'{{"path", "kind", "lang"}} objects; got {json.dumps(item)[:120]}',
+            )
         specs.append(item)
     return specs
 
@@ -70,35 +74,49 @@ def _parse_line(text: str, where: str) -> dict[str, Any]:
         raise BadRecord("bad_line", f"{where}: expected a JSON object, got {type(obj).__name__}")
     unknown = set(obj) - FIELDS
     if unknown:
-        raise BadRecord("bad_line", f"{where}: unknown field(s) {', '.join(sorted(unknown))}; "
-                        f"the fields are {', '.join(sorted(FIELDS))} (put anything else under 'meta')")
+        raise BadRecord(
+            "bad_line",
+            f"{where}: unknown field(s) {', '.join(sorted(unknown))}; "
+            f"the fields are {', '.join(sorted(FIELDS))} (put anything else under 'meta')",
+        )
     for name in ("id", "image", "caption"):
         if name in obj and obj[name] is not None and not isinstance(obj[name], str):
             raise BadRecord("bad_line", f"{where}: '{name}' must be a string")
     if "meta" in obj and not isinstance(obj["meta"], dict):
         raise BadRecord("bad_line", f"{where}: 'meta' must be an object")
     label = obj.get("label")
-    if label is not None and (isinstance(label, bool) or not isinstance(label, (str, int))
-                              or (isinstance(label, int) and label < 0)):
+    if label is not None and (
+        isinstance(label, bool) or not isinstance(label, (str, int)) or (isinstance(label, int) and label < 0)
+    ):
         raise BadRecord("bad_line", f"{where}: 'label' must be a class name or a non-negative integer")
     obj["audio"] = _track_specs(obj["audio"], where) if obj.get("audio") is not None else []
     return obj
 
 
-def _load(obj: dict[str, Any], base: Path, key: str, label: int, manifest: Path, line: int,
-          counters: Counter[str]) -> dict[str, Any]:
+def _load(
+    obj: dict[str, Any], base: Path, key: str, label: int, manifest: Path, line: int, counters: Counter[str]
+) -> dict[str, Any]:
     where = _where(manifest, line)
 
     def resolve(rel: str, what: str) -> tuple[Path, str]:
         path = base / rel
         origin = f"{where}: {what} {path}"
         if not path.is_file():
-            raise BadRecord("missing_file", f"{origin} does not exist (paths are relative to the manifest's "
-                            f"folder {base}); fix the path, {SKIP_BAD_HINT}")
+            raise BadRecord(
+                "missing_file",
+                f"{origin} does not exist (paths are relative to the manifest's "
+                f"folder {base}); fix the path, {SKIP_BAD_HINT}",
+            )
         return path, origin
 
-    meta: dict[str, Any] = {"source": "jsonl", "label": label, "class": obj.get("label"), "line": line,
-                            "id": obj.get("id"), "meta": obj.get("meta", {})}
+    meta: dict[str, Any] = {
+        "source": "jsonl",
+        "label": label,
+        "class": obj.get("label"),
+        "line": line,
+        "id": obj.get("id"),
+        "meta": obj.get("meta", {}),
+    }
     image = None
     if obj.get("image"):
         path, origin = resolve(obj["image"], "image")
@@ -114,8 +132,9 @@ def _load(obj: dict[str, Any], base: Path, key: str, label: int, manifest: Path,
         path, origin = resolve(spec["path"], "audio")
         ext = path.suffix.lower()
         if ext not in AUDIO_SUFFIXES:
-            raise BadRecord("bad_audio", f"{origin}: audio must be {', '.join(AUDIO_SUFFIXES)}; convert it, "
-                            f"{SKIP_BAD_HINT}")
+            raise BadRecord(
+                "bad_audio", f"{origin}: audio must be {', '.join(AUDIO_SUFFIXES)}; convert it, {SKIP_BAD_HINT}"
+            )
         data = read_file(path, origin)
         info = check_audio(data, origin)
         tracks.append(Track(data, ext.lstrip("."), spec.get("kind"), spec.get("lang"), {"file": spec["path"], **info}))
@@ -153,8 +172,9 @@ def build_jsonl(opts: BuildOptions) -> BuildReport:
     labels = [obj["label"] for _, obj in parsed if obj.get("label") is not None]
     if any(isinstance(v, str) for v in labels) and any(isinstance(v, int) for v in labels):
         first_int = next(n for n, obj in parsed if isinstance(obj.get("label"), int))
-        raise SourceError(f"{_where(manifest, first_int)}: 'label' mixes class names and integers in one "
-                          "manifest; use one kind")
+        raise SourceError(
+            f"{_where(manifest, first_int)}: 'label' mixes class names and integers in one manifest; use one kind"
+        )
     if labels and isinstance(labels[0], str):
         classes: list[str] | None = sorted(set(labels))
         class_id = {name: i for i, name in enumerate(classes)}
@@ -173,17 +193,27 @@ def build_jsonl(opts: BuildOptions) -> BuildReport:
         key = make_key(name if seen[group] == 1 else f"{name}-{seen[group] - 1}")
         label = obj.get("label")
         label_id = class_id[label] if isinstance(label, str) else (label if label is not None else -1)
-        records.append(Record(key, group, lambda o=obj, k=key, lab=label_id, n=number:
-                              _load(o, base, k, lab, manifest, n, counters)))
+        records.append(
+            Record(
+                key, group, lambda o=obj, k=key, lab=label_id, n=number: _load(o, base, k, lab, manifest, n, counters)
+            )
+        )
     extra: dict[str, Any] = {"num_classes": num_classes, "manifest": str(manifest)}
     if classes is not None:
         extra["classes"] = classes
-    build = {"manifest": str(manifest), "lines": len(parsed) + bad_lines, "bad_lines_skipped": bad_lines,
-             "counters": counters}
-    result = write_records(opts, "jsonl", records, extra, build,
-                           skipped_before={"bad_line": bad_lines} if bad_lines else None)
+    build = {
+        "manifest": str(manifest),
+        "lines": len(parsed) + bad_lines,
+        "bad_lines_skipped": bad_lines,
+        "counters": counters,
+    }
+    result = write_records(
+        opts, "jsonl", records, extra, build, skipped_before={"bad_line": bad_lines} if bad_lines else None
+    )
     skipped = result.skipped
-    summary = (f"wrote {opts.out} from {manifest}: {len(records)} records ({split_summary(result.indexes)}); "
-               f"patterns: {format_counts(dict(result.totals))}; {num_classes} classes; "
-               f"empty captions {counters['empty_captions']}, skipped {format_counts(dict(skipped))}")
+    summary = (
+        f"wrote {opts.out} from {manifest}: {len(records)} records ({split_summary(result.indexes)}); "
+        f"patterns: {format_counts(dict(result.totals))}; {num_classes} classes; "
+        f"empty captions {counters['empty_captions']}, skipped {format_counts(dict(skipped))}"
+    )
     return BuildReport(result.indexes, summary, {"build": build})

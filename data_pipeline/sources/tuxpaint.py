@@ -24,6 +24,7 @@ SHA-256 checked against `apt-cache show`, then `dpkg-deb -x`. A marker written
 after a verified extraction lets later builds reuse it (the .deb is re-hashed
 every time).
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -104,19 +105,22 @@ def _apt_failure(what: str, output: str) -> SourceError:
         return SourceError(
             f"{what} failed: the APT package lists in {APT_LISTS} are empty (a fresh Debian image ships "
             f"none), so APT does not know {PACKAGE}. Run `apt-get update` as root once, then rerun. "
-            f"(apt said: {said})")
+            f"(apt said: {said})"
+        )
     return SourceError(
         f"{what} failed (apt said: {said}). {PACKAGE} is in Debian 'main' (bookworm and later): check "
-        "your APT sources and refresh them with `apt-get update` as root, then rerun.")
+        "your APT sources and refresh them with `apt-get update` as root, then rerun."
+    )
 
 
 def _run(cmd: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess:
     try:
-        return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True,
-                              env={**os.environ, "LC_ALL": "C"})
+        return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env={**os.environ, "LC_ALL": "C"})
     except FileNotFoundError:
-        raise SourceError(f"`{cmd[0]}` not found: the tuxpaint source downloads a Debian package and "
-                          "needs a Debian or Ubuntu system with APT and dpkg") from None
+        raise SourceError(
+            f"`{cmd[0]}` not found: the tuxpaint source downloads a Debian package and "
+            "needs a Debian or Ubuntu system with APT and dpkg"
+        ) from None
 
 
 def apt_package_info(package: str = PACKAGE) -> PackageInfo:
@@ -130,8 +134,9 @@ def apt_package_info(package: str = PACKAGE) -> PackageInfo:
             fields.setdefault(name.strip(), value.strip())
     if proc.returncode != 0 or not {"Version", "SHA256", "Filename"} <= fields.keys():
         raise _apt_failure(f"`{' '.join(cmd)}`", proc.stderr + proc.stdout)
-    return PackageInfo(package, fields["Version"], fields["SHA256"].lower(), fields["Filename"],
-                       int(fields.get("Size", 0)))
+    return PackageInfo(
+        package, fields["Version"], fields["SHA256"].lower(), fields["Filename"], int(fields.get("Size", 0))
+    )
 
 
 def sha256_file(path: Path) -> str:
@@ -152,8 +157,12 @@ def _verify(deb: Path, info: PackageInfo, downloaded: bool) -> None:
     raise SourceError(
         f"{origin} {deb}: SHA256 mismatch: the file has {actual} but `apt-cache show --no-all-versions "
         f"{info.name}` gives {info.sha256} for version {info.version}. The file is corrupt or was replaced: "
-        + ("it was deleted; rerun to download it again." if downloaded
-           else f"delete {deb} and rerun to download it again."))
+        + (
+            "it was deleted; rerun to download it again."
+            if downloaded
+            else f"delete {deb} and rerun to download it again."
+        )
+    )
 
 
 def _download(info: PackageInfo, cache: Path) -> Path:
@@ -218,8 +227,11 @@ def prepare_package(cache: Path | None = None, package: str = PACKAGE) -> Prepar
             if len(recorded) != 1 or not (root / Path(recorded[0].filename).name).is_file():
                 raise
             info = recorded[0]  # no APT here, but a verified extraction is: check the .deb against it
-            print(f"calmrl: apt-cache cannot tell {package}'s checksum; using the cached {info.version} "
-                  "verified when it was extracted", file=sys.stderr)
+            print(
+                f"calmrl: apt-cache cannot tell {package}'s checksum; using the cached {info.version} "
+                "verified when it was extracted",
+                file=sys.stderr,
+            )
         deb = root / Path(info.filename).name
         downloaded = not deb.is_file()
         if downloaded:
@@ -304,7 +316,7 @@ def _match_audio(stem: str, stamps: set[str], langs: dict[str, str]) -> tuple[st
     if stem.endswith("_desc") and stem[: -len("_desc")] in stamps:
         return stem[: -len("_desc")], "description", "en"
     for name in sorted((s for s in stamps if stem.startswith(s + "_")), key=len, reverse=True):
-        rest = stem[len(name) + 1:]
+        rest = stem[len(name) + 1 :]
         if rest.startswith("desc_") and rest[5:].lower() in langs:
             return name, "description", langs[rest[5:].lower()]
         if rest.lower() in langs:
@@ -335,7 +347,8 @@ def scan_stamps(stamps_dir: Path) -> tuple[list[Stamp], list[str]]:
                 base = stem[: -len(suffix)]
                 if stem.endswith(suffix) and base in (images | captions) - {stem}:
                     alternates.setdefault(base, []).extend(
-                        by_suffix[ext][stem] for ext in (".png", ".svg") if stem in by_suffix.get(ext, {}))
+                        by_suffix[ext][stem] for ext in (".png", ".svg") if stem in by_suffix.get(ext, {})
+                    )
                     break
         alternate_stems = {p.stem for ps in alternates.values() for p in ps}
         names = (images - alternate_stems) | captions
@@ -350,13 +363,22 @@ def scan_stamps(stamps_dir: Path) -> tuple[list[Stamp], list[str]]:
         for name in sorted(names):
             rel = str((folder / name).relative_to(stamps_dir))
             if "/" not in rel:
-                raise SourceError(f"{folder / name}: a stamp outside a category folder; is {stamps_dir} "
-                                  f"the stamps folder of {PACKAGE}?")
-            stamps.append(Stamp(
-                rel=rel, category=rel.split("/", 1)[0],
-                png=by_suffix.get(".png", {}).get(name), svg=by_suffix.get(".svg", {}).get(name),
-                txt=by_suffix.get(".txt", {}).get(name), dat=by_suffix.get(".dat", {}).get(name),
-                tracks=sorted(tracks[name], key=_track_order), alternates=alternates.get(name, [])))
+                raise SourceError(
+                    f"{folder / name}: a stamp outside a category folder; is {stamps_dir} "
+                    f"the stamps folder of {PACKAGE}?"
+                )
+            stamps.append(
+                Stamp(
+                    rel=rel,
+                    category=rel.split("/", 1)[0],
+                    png=by_suffix.get(".png", {}).get(name),
+                    svg=by_suffix.get(".svg", {}).get(name),
+                    txt=by_suffix.get(".txt", {}).get(name),
+                    dat=by_suffix.get(".dat", {}).get(name),
+                    tracks=sorted(tracks[name], key=_track_order),
+                    alternates=alternates.get(name, []),
+                )
+            )
     return stamps, sorted(orphans)
 
 
@@ -367,8 +389,14 @@ def _load_stamp(stamp: Stamp, key: str, label: int, stamps_dir: Path, build: dic
     def rel(p: Path) -> str:
         return str(p.relative_to(stamps_dir))
 
-    meta: dict[str, Any] = {"source": "tuxpaint", "label": label, "class": stamp.category, "stamp": stamp.rel,
-                            "image_absent": None, "text_absent": None}
+    meta: dict[str, Any] = {
+        "source": "tuxpaint",
+        "label": label,
+        "class": stamp.category,
+        "stamp": stamp.rel,
+        "image_absent": None,
+        "text_absent": None,
+    }
     image = None
     if stamp.png is not None:
         ext, data, info = check_image(read_file(stamp.png, rel(stamp.png)), rel(stamp.png))
@@ -398,25 +426,29 @@ def _load_stamp(stamp: Stamp, key: str, label: int, stamps_dir: Path, build: dic
     else:
         meta["text_absent"] = "no_caption_file"
     if stamp.dat is not None:
-        meta["stamp_options"] = [line.strip() for line in stamp.dat.read_text("utf-8", "replace").splitlines()
-                                 if line.strip()]
+        meta["stamp_options"] = [
+            line.strip() for line in stamp.dat.read_text("utf-8", "replace").splitlines() if line.strip()
+        ]
     tracks = []
     for path, kind, lang in stamp.tracks:
         data = read_file(path, rel(path))
         info = check_audio(data, rel(path), full_decode=False)
-        tracks.append(Track(data, path.suffix.lower().lstrip("."), kind, lang,
-                            {"file": rel(path), **info}))
+        tracks.append(Track(data, path.suffix.lower().lstrip("."), kind, lang, {"file": rel(path), **info}))
         build["audio_sample_rates"][str(info["sample_rate"])] += 1
         build["audio_channels"][str(info["channels"])] += 1
-        build["audio_seconds_range"] = [min(build["audio_seconds_range"][0], info["seconds"]),
-                                        max(build["audio_seconds_range"][1], info["seconds"])]
+        build["audio_seconds_range"] = [
+            min(build["audio_seconds_range"][0], info["seconds"]),
+            max(build["audio_seconds_range"][1], info["seconds"]),
+        ]
     return assemble(key, meta, image, caption, tracks)
 
 
 def build_tuxpaint(opts: BuildOptions) -> BuildReport:
     if opts.input is not None or opts.num_samples is not None or opts.image_size is not None:
-        raise SourceError("--source tuxpaint takes no --input, --num-samples or --image-size "
-                          "(the package is the input; --cache says where it is kept)")
+        raise SourceError(
+            "--source tuxpaint takes no --input, --num-samples or --image-size "
+            "(the package is the input; --cache says where it is kept)"
+        )
     package = prepare_package(opts.cache)
     stamps_dir = package.stamps_dir
     stamps, orphans = scan_stamps(stamps_dir)
@@ -425,23 +457,37 @@ def build_tuxpaint(opts: BuildOptions) -> BuildReport:
     build: dict[str, Any] = {
         "package": {"name": package.info.name, "version": package.info.version, "sha256": package.info.sha256},
         "stamps": len(stamps),
-        "images": dict(Counter("png+svg" if s.png and s.svg else "png" if s.png else "svg_only" if s.svg
-                               else "no_image_file" for s in stamps)),
+        "images": dict(
+            Counter(
+                "png+svg" if s.png and s.svg else "png" if s.png else "svg_only" if s.svg else "no_image_file"
+                for s in stamps
+            )
+        ),
         "alternate_images_skipped": sum(len(s.alternates) for s in stamps),
         "orphan_audio_files": orphans,
         "caption_lines_unparsed": 0,
-        "image_modes": Counter(), "image_with_alpha": 0,
+        "image_modes": Counter(),
+        "image_with_alpha": 0,
         "image_size_range": {"min": [10**9, 10**9], "max": [0, 0]},
-        "audio_sample_rates": Counter(), "audio_channels": Counter(), "audio_seconds_range": [1e9, 0.0],
+        "audio_sample_rates": Counter(),
+        "audio_channels": Counter(),
+        "audio_seconds_range": [1e9, 0.0],
     }
     records = []
     for stamp in stamps:
         key = make_key(stamp.rel)
         label = class_id[stamp.category]
-        records.append(Record(key, _split_group(stamp),
-                              lambda s=stamp, k=key, lab=label: _load_stamp(s, k, lab, stamps_dir, build)))
-    extra = {"num_classes": len(classes), "classes": classes,
-             "package": build["package"], "audio_policies": sorted(AUDIO_POLICIES)}
+        records.append(
+            Record(
+                key, _split_group(stamp), lambda s=stamp, k=key, lab=label: _load_stamp(s, k, lab, stamps_dir, build)
+            )
+        )
+    extra = {
+        "num_classes": len(classes),
+        "classes": classes,
+        "package": build["package"],
+        "audio_policies": sorted(AUDIO_POLICIES),
+    }
     result = write_records(opts, "tuxpaint", records, extra, build, AUDIO_POLICIES)
 
     tracks: Counter[str] = Counter()
@@ -463,5 +509,6 @@ def build_tuxpaint(opts: BuildOptions) -> BuildReport:
         f"other languages {n_desc_other} ({len(langs_other)} languages); image absent: svg-only "
         f"{images.get('svg_only', 0)}, no file {images.get('no_image_file', 0)}; not written: "
         f"{build['alternate_images_skipped']} mirror/flip images, {len(orphans)} orphan audio files"
-        + (f", skipped {format_counts(dict(result.skipped))}" if result.skipped else ""))
+        + (f", skipped {format_counts(dict(result.skipped))}" if result.skipped else "")
+    )
     return BuildReport(result.indexes, summary, {"package": package, "build": build})

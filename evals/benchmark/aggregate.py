@@ -1,4 +1,5 @@
 """Aggregating benchmark runs over seeds, and the goal check."""
+
 from __future__ import annotations
 
 import math
@@ -44,17 +45,37 @@ def goal_verdicts(summary: dict[str, Any], rates: tuple[str, ...] = ("0.5", "0.7
                     continue
                 margin = cal["mean_R@1"][0] - other["mean_R@1"][0]
                 spread = max(cal["mean_R@1"][1], other["mean_R@1"][1])
-                verdicts.append({"dataset": dataset, "rate": rate, "versus": baseline, "margin": margin,
-                                 "spread": spread, "met": margin > spread})
+                verdicts.append(
+                    {
+                        "dataset": dataset,
+                        "rate": rate,
+                        "versus": baseline,
+                        "margin": margin,
+                        "spread": spread,
+                        "met": margin > spread,
+                    }
+                )
             if "anchor_shift_calibrated" in cal:
-                verdicts.append({"dataset": dataset, "rate": rate, "versus": "anchor shift (observed-only anchor)",
-                                 "margin": cal["anchor_shift_observed"][0] - cal["anchor_shift_calibrated"][0],
-                                 "spread": cal["anchor_shift_calibrated"][1],
-                                 "met": cal["anchor_shift_calibrated"][0] < cal["anchor_shift_observed"][0]})
+                verdicts.append(
+                    {
+                        "dataset": dataset,
+                        "rate": rate,
+                        "versus": "anchor shift (observed-only anchor)",
+                        "margin": cal["anchor_shift_observed"][0] - cal["anchor_shift_calibrated"][0],
+                        "spread": cal["anchor_shift_calibrated"][1],
+                        "met": cal["anchor_shift_calibrated"][0] < cal["anchor_shift_observed"][0],
+                    }
+                )
             if "imputation_cos_calmrl" in cal:
                 best_fill = min(cal["imputation_cos_mean_fill"][0], cal["imputation_cos_random_fill"][0])
-                verdicts.append({"dataset": dataset, "rate": rate, "versus": "imputation error (best of mean/random fill)",
-                                 "margin": best_fill - cal["imputation_cos_calmrl"][0],
-                                 "spread": cal["imputation_cos_calmrl"][1],
-                                 "met": cal["imputation_cos_calmrl"][0] < best_fill})
+                verdicts.append(
+                    {
+                        "dataset": dataset,
+                        "rate": rate,
+                        "versus": "imputation error (best of mean/random fill)",
+                        "margin": best_fill - cal["imputation_cos_calmrl"][0],
+                        "spread": cal["imputation_cos_calmrl"][1],
+                        "met": cal["imputation_cos_calmrl"][0] < best_fill,
+                    }
+                )
     return verdicts

@@ -6,6 +6,7 @@ outputs cached on disk (the cache folder's `benchmark/`, named by content);
 runs then train `features` towers over the cached outputs: what training beside
 a frozen tower computes, at a fraction of the cost.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -42,14 +43,21 @@ class MemorySplit:
         return len(self.keys)
 
     def select(self, rows: torch.Tensor) -> MemorySplit:
-        return MemorySplit({k: v[rows] for k, v in self.inputs.items()}, self.present[rows],
-                           [self.keys[i] for i in rows.tolist()], self.label[rows])
+        return MemorySplit(
+            {k: v[rows] for k, v in self.inputs.items()},
+            self.present[rows],
+            [self.keys[i] for i in rows.tolist()],
+            self.label[rows],
+        )
 
     def batch(self, rows: torch.Tensor, present: torch.Tensor | None = None) -> dict[str, Any]:
         """Rows as a batch; inputs of absent modalities are zeroed, so nothing hidden leaks."""
         present = (self.present if present is None else present)[rows]
-        out: dict[str, Any] = {"present": present, "label": self.label[rows],
-                               "key": [self.keys[i] for i in rows.tolist()]}
+        out: dict[str, Any] = {
+            "present": present,
+            "label": self.label[rows],
+            "key": [self.keys[i] for i in rows.tolist()],
+        }
         for name, value in self.inputs.items():
             j = MODALITIES.index(name.split("_")[0])
             v = value[rows]
@@ -66,10 +74,16 @@ def _cache_name(cfg: Config, split_dir: Path, frozen: list[str]) -> str:
     """A cache file named by everything that decides its content: the split's
     index (its shards and counts), the data settings and the frozen towers."""
     index = hashlib.sha256((split_dir / "index.json").read_bytes()).hexdigest()
-    what = {"index": index, "split": str(split_dir.resolve()),
-            "data": {k: v for k, v in asdict(cfg.data).items()
-                     if k not in ("shards", "batch_size", "num_workers") and not k.startswith("extra_missing")},
-            "towers": {m: [getattr(cfg.model, m).name, getattr(cfg.model, m).options] for m in frozen}}
+    what = {
+        "index": index,
+        "split": str(split_dir.resolve()),
+        "data": {
+            k: v
+            for k, v in asdict(cfg.data).items()
+            if k not in ("shards", "batch_size", "num_workers") and not k.startswith("extra_missing")
+        },
+        "towers": {m: [getattr(cfg.model, m).name, getattr(cfg.model, m).options] for m in frozen},
+    }
     digest = hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return f"{split_dir.parent.name}-{split_dir.name}-{digest}.pt"
 
@@ -94,11 +108,14 @@ def load_memory_split(cfg: Config, split_dir: str | Path, cache: Path, frozen: l
     present, labels, keys = [], [], []
     bad = BadInputLog()
     batches = iterate_split(cfg.data, split_dir, 64, bad)
-    for batch in tqdm(batches, desc=f"read {split_dir}" + (f" ({', '.join(frozen)} features)" if frozen else ""),
-                      unit="batch", leave=False):
+    for batch in tqdm(
+        batches,
+        desc=f"read {split_dir}" + (f" ({', '.join(frozen)} features)" if frozen else ""),
+        unit="batch",
+        leave=False,
+    ):
         real = torch.tensor([k != "" for k in batch["key"]])
-        inputs = {k: v[real] for k, v in batch.items()
-                  if isinstance(v, torch.Tensor) and k.split("_")[0] in MODALITIES}
+        inputs = {k: v[real] for k, v in batch.items() if isinstance(v, torch.Tensor) and k.split("_")[0] in MODALITIES}
         for m, tower in towers.items():
             feats = tower({k: v for k, v in inputs.items() if k.startswith(m)})
             for k in [k for k in inputs if k.startswith(m)]:
@@ -127,12 +144,13 @@ def memory_batches(split: MemorySplit, present: torch.Tensor, batch_size: int, s
     while True:
         order = torch.randperm(n, generator=gen)
         for start in range(0, n - batch_size + 1, batch_size):
-            yield split.batch(order[start:start + batch_size], present)
+            yield split.batch(order[start : start + batch_size], present)
 
 
 @torch.no_grad()
-def embed_memory(model: torch.nn.Module, split: MemorySplit, device: torch.device,
-                 batch_size: int = 256) -> dict[str, torch.Tensor]:
+def embed_memory(
+    model: torch.nn.Module, split: MemorySplit, device: torch.device, batch_size: int = 256
+) -> dict[str, torch.Tensor]:
     out: dict[str, list[torch.Tensor]] = {m: [] for m in MODALITIES}
     for start in range(0, len(split), batch_size):
         rows = torch.arange(start, min(start + batch_size, len(split)))

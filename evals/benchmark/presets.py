@@ -1,4 +1,5 @@
 """The benchmark's data sets and presets: what runs, on which data, with which settings."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -34,14 +35,29 @@ class Preset:
 TUXPAINT = DatasetSpec("tuxpaint", "tuxpaint", "data/tuxpaint", str(CONFIG_DIR / "bench_tuxpaint.yaml"))
 # Synthetic data are generated complete, so the imposed rates are the only gaps
 # and the oracle trains on every sample.
-SYNTHETIC = DatasetSpec("synthetic", "synthetic", "data/synthetic-complete", str(CONFIG_DIR / "bench_synthetic.yaml"),
-                        {"missing": (0.0, 0.0, 0.0), "num_samples": 2000, "shard_size": 200})
+SYNTHETIC = DatasetSpec(
+    "synthetic",
+    "synthetic",
+    "data/synthetic-complete",
+    str(CONFIG_DIR / "bench_synthetic.yaml"),
+    {"missing": (0.0, 0.0, 0.0), "num_samples": 2000, "shard_size": 200},
+)
 PRESETS: dict[str, Preset] = {
     "full": Preset("full", (TUXPAINT, SYNTHETIC)),
     "tuxpaint": Preset("tuxpaint", (TUXPAINT,)),
     "synthetic": Preset("synthetic", (SYNTHETIC,)),
     # Small enough for the test suite: every method, one rate, two seeds, few steps.
-    "quick": Preset("quick", (SYNTHETIC,), rates=(0.5,), seeds=(0, 1),
-                    overrides=("--train.steps=12", "--train.warmup_steps=2", "--calibration.warmup_steps=4",
-                               "--data.batch_size=32", "--train.log_every=6")),
+    "quick": Preset(
+        "quick",
+        (SYNTHETIC,),
+        rates=(0.5,),
+        seeds=(0, 1),
+        overrides=(
+            "--train.steps=12",
+            "--train.warmup_steps=2",
+            "--calibration.warmup_steps=4",
+            "--data.batch_size=32",
+            "--train.log_every=6",
+        ),
+    ),
 }

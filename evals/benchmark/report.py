@@ -1,4 +1,5 @@
 """The benchmark's report: tables (Markdown), every run (JSON, CSV), and a plot."""
+
 from __future__ import annotations
 
 import csv
@@ -22,9 +23,12 @@ def _cell(stat: list[float] | None) -> str:
 def markdown(summary: dict[str, Any], verdicts: list[dict[str, Any]], rates: list[str]) -> str:
     lines: list[str] = []
     for dataset, methods in summary.items():
-        lines += [f"### {dataset}: mean R@1 over the six modality pairs (complete test instances; mean ± std over seeds)",
-                  "", "| method | " + " | ".join(f"missing {r}" for r in rates) + " |",
-                  "|---|" + "---|" * len(rates)]
+        lines += [
+            f"### {dataset}: mean R@1 over the six modality pairs (complete test instances; mean ± std over seeds)",
+            "",
+            "| method | " + " | ".join(f"missing {r}" for r in rates) + " |",
+            "|---|" + "---|" * len(rates),
+        ]
         for method in METHODS:
             if method not in methods:
                 continue
@@ -35,22 +39,44 @@ def markdown(summary: dict[str, Any], verdicts: list[dict[str, Any]], rates: lis
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
         cal = methods.get("calmrl", {})
         if cal:
-            lines += ["", f"{dataset}, CalMRL runs: mean anchor shift over missing patterns and mean imputation "
-                          "cosine distance over hidden modalities", "",
-                      "| missing | anchor shift observed-only | anchor shift calibrated | "
-                      "imputation CalMRL | mean-fill | random-fill |", "|---|---|---|---|---|---|"]
+            lines += [
+                "",
+                f"{dataset}, CalMRL runs: mean anchor shift over missing patterns and mean imputation "
+                "cosine distance over hidden modalities",
+                "",
+                "| missing | anchor shift observed-only | anchor shift calibrated | "
+                "imputation CalMRL | mean-fill | random-fill |",
+                "|---|---|---|---|---|---|",
+            ]
             for r in rates:
                 c = cal.get(r, {})
-                lines.append(f"| {r} | " + " | ".join(_cell(c.get(k)) for k in (
-                    "anchor_shift_observed", "anchor_shift_calibrated", "imputation_cos_calmrl",
-                    "imputation_cos_mean_fill", "imputation_cos_random_fill")) + " |")
+                lines.append(
+                    f"| {r} | "
+                    + " | ".join(
+                        _cell(c.get(k))
+                        for k in (
+                            "anchor_shift_observed",
+                            "anchor_shift_calibrated",
+                            "imputation_cos_calmrl",
+                            "imputation_cos_mean_fill",
+                            "imputation_cos_random_fill",
+                        )
+                    )
+                    + " |"
+                )
         lines.append("")
     if verdicts:
-        lines += ["### Goal (CalMRL better by more than the seed spread)", "",
-                  "| data set | missing | versus | margin | spread | met |", "|---|---|---|---|---|---|"]
+        lines += [
+            "### Goal (CalMRL better by more than the seed spread)",
+            "",
+            "| data set | missing | versus | margin | spread | met |",
+            "|---|---|---|---|---|---|",
+        ]
         for v in verdicts:
-            lines.append(f"| {v['dataset']} | {v['rate']} | {v['versus']} | {v['margin']:+.3f} | "
-                         f"{v['spread']:.3f} | {'yes' if v['met'] else 'no'} |")
+            lines.append(
+                f"| {v['dataset']} | {v['rate']} | {v['versus']} | {v['margin']:+.3f} | "
+                f"{v['spread']:.3f} | {'yes' if v['met'] else 'no'} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -71,9 +97,15 @@ def plot(summary: dict[str, Any], path: Path) -> None:
                 ax.axhspan(mean - std, mean + std, color="black", alpha=0.08)
                 continue
             rates = sorted(methods[method], key=float)
-            ax.errorbar([float(r) for r in rates], [methods[method][r]["mean_R@1"][0] for r in rates],
-                        yerr=[methods[method][r]["mean_R@1"][1] for r in rates], marker="o", capsize=3,
-                        label=method, lw=2.5 if method == "calmrl" else 1.2)
+            ax.errorbar(
+                [float(r) for r in rates],
+                [methods[method][r]["mean_R@1"][0] for r in rates],
+                yerr=[methods[method][r]["mean_R@1"][1] for r in rates],
+                marker="o",
+                capsize=3,
+                label=method,
+                lw=2.5 if method == "calmrl" else 1.2,
+            )
         ax.set_title(f"{dataset}: mean R@1 (test, complete)")
         ax.set_xlabel("extra missing rate imposed on the training split")
         ax.set_ylabel("mean R@1 over 6 modality pairs")
@@ -93,8 +125,18 @@ def write_report(results: list[dict[str, Any]], out: Path, rates: list[str]) -> 
     writer = csv.writer(buffer)
     writer.writerow(["dataset", "method", "rate", "seed", "train_samples", "steps", "train_s", *columns])
     for r in results:
-        writer.writerow([r["dataset"], r["method"], r["rate"], r["seed"], r["train_samples"], r["steps"],
-                         f"{r['train_s']:.1f}", *[r["summary"].get(c, "") for c in columns]])
+        writer.writerow(
+            [
+                r["dataset"],
+                r["method"],
+                r["rate"],
+                r["seed"],
+                r["train_samples"],
+                r["steps"],
+                f"{r['train_s']:.1f}",
+                *[r["summary"].get(c, "") for c in columns],
+            ]
+        )
     atomic_write(out / "benchmark.csv", buffer.getvalue())
     atomic_write(out / "benchmark.md", markdown(summary, verdicts, rates))
     plot(summary, out / "benchmark.png")

@@ -1,4 +1,5 @@
 """The benchmark's runs: planning them, training and evaluating each, resuming a folder."""
+
 from __future__ import annotations
 
 import gc
@@ -42,22 +43,33 @@ class RunSpec:
         return f"{self.method}-r{self.rate:g}-s{self.seed}"
 
 
-def run_config(spec: DatasetSpec, preset: Preset, run: RunSpec, out_dir: Path,
-               feature_dims: dict[str, int]) -> Config:
+def run_config(spec: DatasetSpec, preset: Preset, run: RunSpec, out_dir: Path, feature_dims: dict[str, int]) -> Config:
     method = "observed_only" if run.method == "oracle" else run.method
-    overrides = [*preset.overrides, f"--data.shards={Path(spec.root) / 'train'}",
-                 f"--calibration.method={method}", f"--data.extra_missing={run.rate}",
-                 f"--data.extra_missing_seed={run.seed}", f"--data.seed={run.seed}", f"--train.seed={run.seed}",
-                 f"--train.out_dir={out_dir}"]
+    overrides = [
+        *preset.overrides,
+        f"--data.shards={Path(spec.root) / 'train'}",
+        f"--calibration.method={method}",
+        f"--data.extra_missing={run.rate}",
+        f"--data.extra_missing_seed={run.seed}",
+        f"--data.seed={run.seed}",
+        f"--train.seed={run.seed}",
+        f"--train.out_dir={out_dir}",
+    ]
     return load_config(spec.config, [*overrides, *feature_tower_overrides(feature_dims)])
 
 
 def feature_tower_overrides(feature_dims: dict[str, int]) -> list[str]:
     """Frozen towers become `features` towers over their cached outputs, keeping the
     frozen tower's width, depth and learning-rate multiplier from the config."""
-    return [override for m, dim in feature_dims.items()
-            for override in (f"--model.{m}.name=features", f"--model.{m}.freeze=false",
-                             f"--model.{m}.options={{dim: {dim}}}")]
+    return [
+        override
+        for m, dim in feature_dims.items()
+        for override in (
+            f"--model.{m}.name=features",
+            f"--model.{m}.freeze=false",
+            f"--model.{m}.options={{dim: {dim}}}",
+        )
+    ]
 
 
 def summarise_run(metrics: dict[str, Any]) -> dict[str, float]:
@@ -93,9 +105,17 @@ def train_and_evaluate(cfg: Config, train: MemorySplit, test: MemorySplit, run: 
     for p in present.tolist():
         name = "+".join(m for m, on in zip(MODALITIES, p) if on)
         patterns[name] = patterns.get(name, 0) + 1
-    result = {**asdict(run), "train_samples": len(data), "train_patterns": patterns, "steps": trainer.step,
-              "loss_first": history[0].loss, "loss_last": history[-1].loss, "train_s": train_s,
-              "summary": summarise_run(metrics), "metrics": metrics}
+    result = {
+        **asdict(run),
+        "train_samples": len(data),
+        "train_patterns": patterns,
+        "steps": trainer.step,
+        "loss_first": history[0].loss,
+        "loss_last": history[-1].loss,
+        "train_s": train_s,
+        "summary": summarise_run(metrics),
+        "metrics": metrics,
+    }
     del trainer, model
     gc.collect()
     return result
@@ -121,20 +141,30 @@ def check_settings(preset: Preset, out: Path) -> None:
 
     Seeds, rates and methods may grow (more runs); the data sets' configs and
     roots and the overrides must be the same as when `out` was started."""
-    settings = {"overrides": list(preset.overrides),
-                "datasets": {d.name: {"root": str(Path(d.root).resolve()),
-                                      "config": hashlib.sha256(Path(d.config).read_bytes()).hexdigest()}
-                             for d in preset.datasets}}
+    settings = {
+        "overrides": list(preset.overrides),
+        "datasets": {
+            d.name: {
+                "root": str(Path(d.root).resolve()),
+                "config": hashlib.sha256(Path(d.config).read_bytes()).hexdigest(),
+            }
+            for d in preset.datasets
+        },
+    }
     path = out / "settings.json"
     if path.is_file():
         before = json.loads(path.read_text())
         for name, now in settings["datasets"].items():
             if name in before["datasets"] and before["datasets"][name] != now:
-                raise SettingsMismatch(f"calmrl benchmark: {out} holds {name} runs made with another config or data "
-                                       f"root ({before['datasets'][name]}); use a new --out")
+                raise SettingsMismatch(
+                    f"calmrl benchmark: {out} holds {name} runs made with another config or data "
+                    f"root ({before['datasets'][name]}); use a new --out"
+                )
         if before["overrides"] != settings["overrides"]:
-            raise SettingsMismatch(f"calmrl benchmark: {out} holds runs made with overrides {before['overrides']}, "
-                                   f"not {settings['overrides']}; use a new --out")
+            raise SettingsMismatch(
+                f"calmrl benchmark: {out} holds runs made with overrides {before['overrides']}, "
+                f"not {settings['overrides']}; use a new --out"
+            )
         settings["datasets"] = {**before["datasets"], **settings["datasets"]}
     atomic_write(path, json.dumps(settings, indent=1))
 
@@ -143,7 +173,7 @@ def plan_runs(preset: Preset, datasets: tuple[DatasetSpec, ...]) -> list[RunSpec
     runs = []
     for spec in datasets:
         for method in preset.methods:
-            for rate in ((0.0,) if method == "oracle" else preset.rates):
+            for rate in (0.0,) if method == "oracle" else preset.rates:
                 for seed in preset.seeds:
                     runs.append(RunSpec(spec.name, method, rate, seed))
     return runs
@@ -180,12 +210,16 @@ def run_benchmark(preset: Preset, out: Path, cache_dir: Path | None = None) -> d
                 atomic_write(done, json.dumps(result, indent=1))
                 results.append(result)
                 bar.update(1)
-                bar.write(f"{spec.name:>9} {run.name:<26} mean R@1 {result['summary']['mean_R@1']:.3f}  "
-                          f"loss {result['loss_first']:.3f} -> {result['loss_last']:.3f}  ({result['train_s']:.0f} s)")
+                bar.write(
+                    f"{spec.name:>9} {run.name:<26} mean R@1 {result['summary']['mean_R@1']:.3f}  "
+                    f"loss {result['loss_first']:.3f} -> {result['loss_last']:.3f}  ({result['train_s']:.0f} s)"
+                )
                 write_report(results, out, rates)  # the report is current after every run
     summary, verdicts = write_report(results, out, rates)
     met = sum(v["met"] for v in verdicts)
     print(markdown(summary, verdicts, rates))
-    print(f"benchmark '{preset.name}': {len(results)} runs in {(time.perf_counter() - started) / 60:.1f} min; "
-          f"goal checks met {met}/{len(verdicts)}; tables {out / 'benchmark.md'}, plot {out / 'benchmark.png'}")
+    print(
+        f"benchmark '{preset.name}': {len(results)} runs in {(time.perf_counter() - started) / 60:.1f} min; "
+        f"goal checks met {met}/{len(verdicts)}; tables {out / 'benchmark.md'}, plot {out / 'benchmark.png'}"
+    )
     return {"summary": summary, "goal": verdicts, "runs": results}

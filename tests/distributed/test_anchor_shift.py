@@ -1,5 +1,6 @@
 """Anchor shift: definition checks, and on trained synthetic embeddings the
 calibrated anchor is closer to the complete-instance anchor than the local one."""
+
 from __future__ import annotations
 
 import pytest
@@ -31,8 +32,13 @@ def _train_and_measure(rank: int, world: int, shards: str, val: str, out_dir: st
     from pretrain.run_dir import RunDir
     from pretrain.trainer import build_trainer
 
-    cfg = tiny_config(shards, out_dir, train={"steps": 40, "lr": 3e-3},
-                      calibration={"warmup_steps": 10, "latent_dim": 8}, data={"batch_size": 32})
+    cfg = tiny_config(
+        shards,
+        out_dir,
+        train={"steps": 40, "lr": 3e-3},
+        calibration={"warmup_steps": 10, "latent_dim": 8},
+        data={"batch_size": 32},
+    )
     build_trainer(cfg).fit()
     cfg, model, _ = RunDir(out_dir).load_model()
     data = embed_split(model, cfg, val)
@@ -43,8 +49,15 @@ def _train_and_measure(rank: int, world: int, shards: str, val: str, out_dir: st
 
 @pytest.mark.timeout(400)
 def test_calibration_reduces_anchor_shift_on_synthetic_data(synthetic_dir, tmp_path):
-    (shift,) = run_distributed(_train_and_measure, 1, tmp_path / "ipc", str(synthetic_dir / "train"),
-                               str(synthetic_dir / "val"), str(tmp_path / "run"), timeout=360)
+    (shift,) = run_distributed(
+        _train_and_measure,
+        1,
+        tmp_path / "ipc",
+        str(synthetic_dir / "train"),
+        str(synthetic_dir / "val"),
+        str(tmp_path / "run"),
+        timeout=360,
+    )
     print({k: {kk: round(vv, 4) for kk, vv in v.items()} for k, v in shift.items()})
     mean_local = sum(r["observed_only"] for r in shift.values()) / len(shift)
     mean_cal = sum(r["calibrated"] for r in shift.values()) / len(shift)

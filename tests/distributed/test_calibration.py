@@ -102,7 +102,9 @@ def naive_log_likelihood(params: Params, modalities: list[str], z, present) -> f
         observed = [name for j, name in enumerate(modalities) if present[i, j]]
         W_O = torch.cat([params[name][0] for name in observed])
         mu_O = torch.cat([params[name][1] for name in observed])
-        D_O = torch.cat([torch.full((params[name][0].shape[0],), params[name][2], dtype=torch.float64) for name in observed])
+        D_O = torch.cat(
+            [torch.full((params[name][0].shape[0],), params[name][2], dtype=torch.float64) for name in observed]
+        )
         cov = W_O @ W_O.T + torch.diag(D_O)
         x = torch.cat([z[name][i].double() for name in observed])
         values.append(MultivariateNormal(mu_O, covariance_matrix=cov).log_prob(x))
@@ -225,11 +227,13 @@ def test_m_step_matches_per_sample_formula():
     for j, name in enumerate(MODALITIES):
         rows = present[:, j].nonzero().flatten().tolist()
         bt = {i: torch.cat([mean[i], torch.ones(1, dtype=torch.float64)]) for i in rows}
-        St = {i: torch.block_diag(cov[i], torch.zeros(1, 1, dtype=torch.float64)) + torch.outer(bt[i], bt[i]) for i in rows}
+        St = {
+            i: torch.block_diag(cov[i], torch.zeros(1, 1, dtype=torch.float64)) + torch.outer(bt[i], bt[i])
+            for i in rows
+        }
         Wt = sum(torch.outer(z[name][i], bt[i]) for i in rows) @ torch.linalg.inv(sum(St[i] for i in rows))
         sigma2 = sum(
-            float(z[name][i] @ z[name][i] - 2 * z[name][i] @ Wt @ bt[i] + torch.trace(Wt.T @ Wt @ St[i]))
-            for i in rows
+            float(z[name][i] @ z[name][i] - 2 * z[name][i] @ Wt @ bt[i] + torch.trace(Wt.T @ Wt @ St[i])) for i in rows
         ) / (d * len(rows))
         W, mu, learned_sigma2 = calibrator.params()[name]
         torch.testing.assert_close(W, Wt[:, :k], atol=1e-8, rtol=1e-8)

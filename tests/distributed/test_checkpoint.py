@@ -1,4 +1,5 @@
 """A crash in the middle of a save never leaves a broken `latest`."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -25,8 +26,10 @@ def _crash_during_second_save(rank: int, world: int, shards: str, out_dir: str):
     with pytest.raises(OSError):
         trainer.save()
     root = Path(out_dir) / "checkpoints"
-    after_crash = {"latest": (root / "latest").read_text(),
-                   "dirs": sorted(p.name for p in root.iterdir() if p.is_dir())}
+    after_crash = {
+        "latest": (root / "latest").read_text(),
+        "dirs": sorted(p.name for p in root.iterdir() if p.is_dir()),
+    }
     # A fresh trainer resumes from the last complete checkpoint and trains on.
     resumed = build_trainer(tiny_config(shards, out_dir, train={"steps": 4}))
     steps = [h.step for h in resumed.fit(resume="latest")]
@@ -36,9 +39,9 @@ def _crash_during_second_save(rank: int, world: int, shards: str, out_dir: str):
 
 @pytest.mark.timeout(240)
 def test_crash_mid_save_keeps_latest_complete(synthetic_dir, tmp_path):
-    (after_crash, steps, after_resume), = run_distributed(
-        _crash_during_second_save, 1, tmp_path / "ipc", str(synthetic_dir / "train"), str(tmp_path / "run"),
-        timeout=200)
+    ((after_crash, steps, after_resume),) = run_distributed(
+        _crash_during_second_save, 1, tmp_path / "ipc", str(synthetic_dir / "train"), str(tmp_path / "run"), timeout=200
+    )
     assert after_crash["latest"] == "step_00000002"
     assert after_crash["dirs"] == [".tmp-step_00000003", "step_00000002"]
     assert steps == [3, 4]
@@ -48,13 +51,16 @@ def test_crash_mid_save_keeps_latest_complete(synthetic_dir, tmp_path):
 def _auto_resume(rank: int, world: int, shards: str, out_dir: str):
     from pretrain.trainer import build_trainer
 
-    fresh = [h.step for h in build_trainer(tiny_config(shards, out_dir, train={"steps": 4, "stop_at": 2})).fit(resume="auto")]
+    fresh = [
+        h.step for h in build_trainer(tiny_config(shards, out_dir, train={"steps": 4, "stop_at": 2})).fit(resume="auto")
+    ]
     again = [h.step for h in build_trainer(tiny_config(shards, out_dir, train={"steps": 4})).fit(resume="auto")]
     return fresh, again
 
 
 @pytest.mark.timeout(240)
 def test_resume_auto_starts_fresh_then_continues(synthetic_dir, tmp_path):
-    (result,) = run_distributed(_auto_resume, 1, tmp_path / "ipc", str(synthetic_dir / "train"),
-                                str(tmp_path / "run"), timeout=200)
+    (result,) = run_distributed(
+        _auto_resume, 1, tmp_path / "ipc", str(synthetic_dir / "train"), str(tmp_path / "run"), timeout=200
+    )
     assert result == ([1, 2], [3, 4])

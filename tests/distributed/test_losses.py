@@ -1,5 +1,6 @@
 """The all-gathered pairwise InfoNCE equals the single-process loss on the
 concatenated global batch, in value and in gradients."""
+
 from __future__ import annotations
 
 import math
@@ -70,12 +71,16 @@ def _rank_loss(rank: int, world: int):
 
     dist.init_process_group("gloo", rank=rank, world_size=world)
     emb, present = global_batch()
-    local = {m: e[rank * B:(rank + 1) * B].clone().requires_grad_(True) for m, e in emb.items()}
+    local = {m: e[rank * B : (rank + 1) * B].clone().requires_grad_(True) for m, e in emb.items()}
     scale = torch.tensor([10.0], requires_grad=True)
-    out = pairwise_infonce(local, present[rank * B:(rank + 1) * B], scale, MODALITIES)
+    out = pairwise_infonce(local, present[rank * B : (rank + 1) * B], scale, MODALITIES)
     out["loss"].backward()
-    result = {"loss": out["loss"].detach(), "loss_value": out["loss_value"],
-              "grads": {m: e.grad for m, e in local.items()}, "scale_grad": scale.grad}
+    result = {
+        "loss": out["loss"].detach(),
+        "loss_value": out["loss_value"],
+        "grads": {m: e.grad for m, e in local.items()},
+        "scale_grad": scale.grad,
+    }
     dist.destroy_process_group()
     return result
 

@@ -2,6 +2,7 @@
 loss on the concatenated batch (value and gradients), the vectorised code
 matches a naive per-sample reference, garbage in unavailable rows does not
 leak, gradients stay finite on degenerate tuples, and alignment lowers the loss."""
+
 from __future__ import annotations
 
 import math
@@ -44,6 +45,7 @@ def _torch_threads():
 
 
 # -- naive per-sample references ---------------------------------------------
+
 
 def naive_gram(emb, available, scale, anchor="text", eps=1e-6):
     mods = list(MODALITIES)
@@ -96,6 +98,7 @@ NAIVE = {"gram": naive_gram, "pmrl": naive_pmrl}
 
 # -- distributed == single process ------------------------------------------
 
+
 def _rank_losses(rank: int, world: int, cases):
     import torch.distributed as dist
 
@@ -108,9 +111,14 @@ def _rank_losses(rank: int, world: int, cases):
         scale = torch.tensor([SCALE], requires_grad=True)
         out = OBJECTIVES[obj](local, observed[rows], scale, MODALITIES, available=available[rows])
         out["loss"].backward()
-        results.append({"loss": out["loss"].detach(),
-                        "values": {k: v for k, v in out.items() if k != "loss"},
-                        "grads": {m: e.grad for m, e in local.items()}, "scale_grad": scale.grad})
+        results.append(
+            {
+                "loss": out["loss"].detach(),
+                "values": {k: v for k, v in out.items() if k != "loss"},
+                "grads": {m: e.grad for m, e in local.items()},
+                "scale_grad": scale.grad,
+            }
+        )
     dist.destroy_process_group()
     return results
 
@@ -152,8 +160,10 @@ def test_gathered_loss_equals_single_process(distributed_results, case):
 
 # -- single process against the naive reference -----------------------------
 
-@pytest.mark.parametrize("obj,kwargs", [("gram", {}), ("gram", {"anchor": "image"}), ("pmrl", {}),
-                                        ("pmrl", {"tau1": 0.5})])
+
+@pytest.mark.parametrize(
+    "obj,kwargs", [("gram", {}), ("gram", {"anchor": "image"}), ("pmrl", {}), ("pmrl", {"tau1": 0.5})]
+)
 @pytest.mark.parametrize("seed", [0, 1])
 def test_matches_naive_reference(obj, kwargs, seed):
     _torch_threads()
@@ -192,10 +202,11 @@ def test_unknown_anchor_is_rejected():
 def test_create_objective_binds_exactly_its_options():
     emb, observed, available = global_batch(3)
     scale = torch.tensor([SCALE])
-    cases = [(LossConfig(objective="gram", gram_anchor="image"), gram_volume, {"anchor": "image"}),
-             (LossConfig(objective="pmrl", pmrl_tau1=0.5), pmrl, {"tau1": 0.5}),
-             (LossConfig(objective="pairwise", imputed_pair_weight=0.3), pairwise_infonce,
-              {"imputed_pair_weight": 0.3})]
+    cases = [
+        (LossConfig(objective="gram", gram_anchor="image"), gram_volume, {"anchor": "image"}),
+        (LossConfig(objective="pmrl", pmrl_tau1=0.5), pmrl, {"tau1": 0.5}),
+        (LossConfig(objective="pairwise", imputed_pair_weight=0.3), pairwise_infonce, {"imputed_pair_weight": 0.3}),
+    ]
     for cfg, fn, kwargs in cases:
         built = create_objective(cfg)
         got = built(emb, observed, scale, MODALITIES, available=available)["loss"]
@@ -207,6 +218,7 @@ def test_create_objective_binds_exactly_its_options():
 
 
 # -- garbage in unavailable rows ----------------------------------------------
+
 
 @pytest.mark.parametrize("fill", [123.0, float("nan")])
 @pytest.mark.parametrize("obj", ["gram", "pmrl"])
@@ -236,6 +248,7 @@ def test_unavailable_rows_do_not_leak(obj, fill):
 
 
 # -- degenerate tuples ----------------------------------------------------------
+
 
 def degenerate_batch():
     """Identical, exactly orthogonal and repeated vectors inside instances."""
@@ -301,6 +314,7 @@ def test_pmrl_sign_rule():
     z2 = F.normalize(z2 - 2 * (z1 @ z2).abs() * z1 - 0.5 * z1, dim=0)  # negative cosine
     assert z1 @ z2 < 0
     from pretrain.losses import _leading_directions
+
     for first, second in ((z1, z2), (z2, z1)):
         x = torch.stack([first, second, torch.zeros(D)]).unsqueeze(0)
         u, _ = _leading_directions(x, torch.tensor([[True, True, False]]), 0.1, 1e-8, 1e-6, 1e-3)
@@ -340,6 +354,7 @@ def test_symmetric_eig_gradient_matches_exact():
 
 
 # -- sanity -----------------------------------------------------------------
+
 
 @pytest.mark.parametrize("obj", ["gram", "pmrl"])
 def test_aligned_embeddings_have_lower_loss(obj):

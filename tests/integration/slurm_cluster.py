@@ -14,6 +14,7 @@ test failure naming the cause (install with `sudo scripts/install_system_deps.sh
 
 By hand: `python -m tests.integration.slurm_cluster` starts one and waits for Ctrl-C.
 """
+
 from __future__ import annotations
 
 import os
@@ -29,8 +30,7 @@ import pytest
 
 from pretrain.runtime import free_port
 
-INSTALL_HINT = ("install it with `sudo scripts/install_system_deps.sh` "
-                "(or `apt-get install -y slurm-wlm munge`)")
+INSTALL_HINT = "install it with `sudo scripts/install_system_deps.sh` (or `apt-get install -y slurm-wlm munge`)"
 DAEMONS = ("munged", "slurmctld", "slurmd")
 CLIENTS = ("sbatch", "srun", "sinfo", "squeue", "scontrol", "scancel")
 NODE = "localhost"
@@ -61,8 +61,9 @@ def check_installed() -> dict[str, str]:
     if missing:
         raise SlurmClusterError(f"Slurm test cluster: {', '.join(missing)} not found; {INSTALL_HINT}")
     if os.geteuid() != 0:
-        raise SlurmClusterError("Slurm test cluster: slurmd must run as root to launch jobs; "
-                                "run this test as root (CI containers do)")
+        raise SlurmClusterError(
+            "Slurm test cluster: slurmd must run as root to launch jobs; run this test as root (CI containers do)"
+        )
     return {n: p for n, p in found.items() if p is not None}
 
 
@@ -97,16 +98,18 @@ class SlurmCluster:
     @property
     def logs(self) -> dict[str, Path]:
         # munged logs to stderr in the foreground; slurmctld/slurmd to the files slurm.conf names.
-        return {"munged": self.root / "log" / "munged.stdout", "slurmctld": self.root / "log" / "slurmctld.log",
-                "slurmd": self.root / "log" / "slurmd.log"}
+        return {
+            "munged": self.root / "log" / "munged.stdout",
+            "slurmctld": self.root / "log" / "slurmctld.log",
+            "slurmd": self.root / "log" / "slurmd.log",
+        }
 
     def logs_tail(self, lines: int = 40) -> str:
         return "\n".join(f"--- {name} ({path}):\n{_tail(path, lines)}" for name, path in self.logs.items())
 
     def run(self, *cmd: str, timeout: float = 30, check: bool = False) -> subprocess.CompletedProcess:
         """Run a Slurm client against this cluster."""
-        return subprocess.run(list(cmd), env=self.env, capture_output=True, text=True, timeout=timeout,
-                              check=check)
+        return subprocess.run(list(cmd), env=self.env, capture_output=True, text=True, timeout=timeout, check=check)
 
     def node_state(self) -> str:
         out = self.run("sinfo", "-h", "-N", "-n", NODE, "-o", "%T", timeout=15)
@@ -126,8 +129,17 @@ class SlurmCluster:
 
     def wait_job(self, job_id: str, timeout: float, poll: float = 2.0) -> dict[str, str]:
         """Poll until the job leaves PENDING/RUNNING/...; the last job info (JobState == 'TIMEOUT_WAIT' on a time-out)."""
-        active = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED", "RESIZING",
-                  "SIGNALING", "STAGE_OUT"}
+        active = {
+            "PENDING",
+            "CONFIGURING",
+            "RUNNING",
+            "COMPLETING",
+            "SUSPENDED",
+            "REQUEUED",
+            "RESIZING",
+            "SIGNALING",
+            "STAGE_OUT",
+        }
         deadline = time.monotonic() + timeout
         info: dict[str, str] = {}
         while time.monotonic() < deadline:
@@ -139,8 +151,9 @@ class SlurmCluster:
 
     def _start(self, name: str, cmd: list[str]) -> None:
         log = open(self.root / "log" / f"{name}.stdout", "ab")  # noqa: SIM115  (the daemon writes it for its life)
-        self.procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                            env=self.env, start_new_session=True)
+        self.procs[name] = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.env, start_new_session=True
+        )
         log.close()
 
     def stop(self) -> None:
@@ -235,16 +248,32 @@ def start_cluster(root: Path, ready_timeout: float = 60) -> SlurmCluster:
     env["PATH"] = f"{env.get('PATH', '')}:/usr/sbin:/sbin"
     cluster = SlurmCluster(root=root, conf=conf, env=env, cpus=cpus)
     try:
-        cluster._start("munged", [paths["munged"], "--foreground", f"--socket={socket_path}",
-                                  f"--key-file={key}", f"--pid-file={munge_dir / 'munged.pid'}",
-                                  f"--seed-file={munge_dir / 'munged.seed'}"])
+        cluster._start(
+            "munged",
+            [
+                paths["munged"],
+                "--foreground",
+                f"--socket={socket_path}",
+                f"--key-file={key}",
+                f"--pid-file={munge_dir / 'munged.pid'}",
+                f"--seed-file={munge_dir / 'munged.seed'}",
+            ],
+        )
         _wait(lambda: socket_path.exists(), 15, "munged did not create its socket", cluster)
         cluster._start("slurmctld", [paths["slurmctld"], "-D", "-c", "-f", str(conf)])
-        _wait(lambda: cluster.run("scontrol", "ping", timeout=10).stdout.count("UP") > 0, 30,
-              "slurmctld did not answer `scontrol ping`", cluster)
+        _wait(
+            lambda: cluster.run("scontrol", "ping", timeout=10).stdout.count("UP") > 0,
+            30,
+            "slurmctld did not answer `scontrol ping`",
+            cluster,
+        )
         cluster._start("slurmd", [paths["slurmd"], "-D", "-N", NODE, "-f", str(conf)])
-        _wait(lambda: cluster.node_state().rstrip("*") == "idle", ready_timeout,
-              f"node {NODE} did not become idle", cluster)
+        _wait(
+            lambda: cluster.node_state().rstrip("*") == "idle",
+            ready_timeout,
+            f"node {NODE} did not become idle",
+            cluster,
+        )
     except BaseException:
         cluster.stop()
         raise
@@ -256,9 +285,11 @@ def _wait(ready, timeout: float, what: str, cluster: SlurmCluster) -> None:
     while time.monotonic() < deadline:
         dead = [n for n, p in cluster.procs.items() if p.poll() is not None]
         if dead:
-            raise SlurmClusterError(f"{what}: {', '.join(dead)} exited early "
-                                    f"(codes {[cluster.procs[n].returncode for n in dead]})\n"
-                                    f"{cluster.logs_tail()}\n{_stdout_tails(cluster)}")
+            raise SlurmClusterError(
+                f"{what}: {', '.join(dead)} exited early "
+                f"(codes {[cluster.procs[n].returncode for n in dead]})\n"
+                f"{cluster.logs_tail()}\n{_stdout_tails(cluster)}"
+            )
         try:
             if ready():
                 return
@@ -266,13 +297,15 @@ def _wait(ready, timeout: float, what: str, cluster: SlurmCluster) -> None:
             pass
         time.sleep(0.5)
     state = cluster.node_state() if "slurmctld" in cluster.procs else "-"
-    raise SlurmClusterError(f"{what} within {timeout:.0f} s (node state: {state})\n"
-                            f"{cluster.logs_tail()}\n{_stdout_tails(cluster)}")
+    raise SlurmClusterError(
+        f"{what} within {timeout:.0f} s (node state: {state})\n{cluster.logs_tail()}\n{_stdout_tails(cluster)}"
+    )
 
 
 def _stdout_tails(cluster: SlurmCluster) -> str:
-    return "\n".join(f"--- {n} stdout/stderr:\n{_tail(cluster.root / 'log' / f'{n}.stdout', 20)}"
-                     for n in cluster.procs)
+    return "\n".join(
+        f"--- {n} stdout/stderr:\n{_tail(cluster.root / 'log' / f'{n}.stdout', 20)}" for n in cluster.procs
+    )
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,7 @@
 """`calmrl benchmark`: its parts (in-memory batches, feature towers, the
 aggregation and the goal check) and the `--quick` preset end to end through
 the real console script, including resume."""
+
 from __future__ import annotations
 
 import json
@@ -21,9 +22,16 @@ from tests.helpers import run_cli
 def _split(n: int = 10) -> MemorySplit:
     gen = torch.Generator().manual_seed(0)
     return MemorySplit(
-        inputs={"image": torch.rand(n, 3, 4, 4, generator=gen) + 0.1, "text": torch.randint(1, 9, (n, 5)),
-                "text_mask": torch.ones(n, 5, dtype=torch.bool), "audio": torch.rand(n, 8) + 0.1},
-        present=torch.ones(n, 3, dtype=torch.bool), keys=[f"k{i}" for i in range(n)], label=torch.arange(n))
+        inputs={
+            "image": torch.rand(n, 3, 4, 4, generator=gen) + 0.1,
+            "text": torch.randint(1, 9, (n, 5)),
+            "text_mask": torch.ones(n, 5, dtype=torch.bool),
+            "audio": torch.rand(n, 8) + 0.1,
+        },
+        present=torch.ones(n, 3, dtype=torch.bool),
+        keys=[f"k{i}" for i in range(n)],
+        label=torch.arange(n),
+    )
 
 
 def test_batches_zero_what_is_hidden_and_cover_each_epoch():
@@ -59,9 +67,21 @@ def _result(dataset, method, rate, seed, r1, **extra):
 
 
 def test_aggregate_and_goal_verdicts():
-    rows = [_result("d", "calmrl", 0.5, s, r, anchor_shift_observed=0.6, anchor_shift_calibrated=0.2 + s / 100,
-                    imputation_cos_calmrl=0.1, imputation_cos_mean_fill=0.5, imputation_cos_random_fill=1.0)
-            for s, r in enumerate([0.50, 0.52, 0.54])]
+    rows = [
+        _result(
+            "d",
+            "calmrl",
+            0.5,
+            s,
+            r,
+            anchor_shift_observed=0.6,
+            anchor_shift_calibrated=0.2 + s / 100,
+            imputation_cos_calmrl=0.1,
+            imputation_cos_mean_fill=0.5,
+            imputation_cos_random_fill=1.0,
+        )
+        for s, r in enumerate([0.50, 0.52, 0.54])
+    ]
     rows += [_result("d", "observed_only", 0.5, s, r) for s, r in enumerate([0.40, 0.41, 0.42])]
     rows += [_result("d", "drop_incomplete", 0.5, s, r) for s, r in enumerate([0.50, 0.55, 0.60])]
     summary = aggregate(rows)
@@ -76,8 +96,16 @@ def test_aggregate_and_goal_verdicts():
 @pytest.mark.timeout(900)
 def test_quick_preset_end_to_end_and_resume(synthetic_dir, tmp_path):
     out, cache = tmp_path / "bench", tmp_path / "cache"
-    args = ["benchmark", "--preset", "quick", f"--data-root=synthetic={synthetic_dir}", "--out", str(out),
-            "--cache", str(cache)]
+    args = [
+        "benchmark",
+        "--preset",
+        "quick",
+        f"--data-root=synthetic={synthetic_dir}",
+        "--out",
+        str(out),
+        "--cache",
+        str(cache),
+    ]
     done = run_cli(*args, timeout=800)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "benchmark 'quick': 10 runs" in done.stdout

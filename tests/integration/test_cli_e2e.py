@@ -1,5 +1,6 @@
 """End to end through the real `calmrl` console script: build shards, train
 with 2 processes under torchrun, evaluate the checkpoint."""
+
 from __future__ import annotations
 
 import json
@@ -13,15 +14,25 @@ from tests.helpers import run_cli as run
 @pytest.mark.timeout(600)
 def test_build_train_eval(tmp_path):
     data, runs = tmp_path / "data", tmp_path / "run"
-    built = run("data", "build", "--source", "synthetic", "--out", str(data), "--num-samples", "600",
-                "--shard-size", "60")
+    built = run(
+        "data", "build", "--source", "synthetic", "--out", str(data), "--num-samples", "600", "--shard-size", "60"
+    )
     assert built.returncode == 0, built.stderr
     assert "train 480 samples in 8 shards" in built.stdout
 
-    trained = run("train", "configs/tiny_cpu.yaml", "--nproc", "2", f"--data.shards={data / 'train'}",
-                  f"--train.out_dir={runs}", "--train.steps=8", "--train.ckpt_every=4", "--train.log_every=1",
-                  "--data.batch_size=16",
-                  "--model.text.depth=1")
+    trained = run(
+        "train",
+        "configs/tiny_cpu.yaml",
+        "--nproc",
+        "2",
+        f"--data.shards={data / 'train'}",
+        f"--train.out_dir={runs}",
+        "--train.steps=8",
+        "--train.ckpt_every=4",
+        "--train.log_every=1",
+        "--data.batch_size=16",
+        "--model.text.depth=1",
+    )
     assert trained.returncode == 0, trained.stderr[-3000:]
     assert "trained to step 8/8" in trained.stdout
     assert (runs / "checkpoints" / "latest").read_text() == "step_00000008"
@@ -32,8 +43,14 @@ def test_build_train_eval(tmp_path):
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     results = json.loads((runs / "eval" / "eval.json").read_text())
     assert results["checkpoint"] == "step_00000008"
-    assert set(results["retrieval"]) == {"image->text", "image->audio", "text->image", "text->audio",
-                                         "audio->image", "audio->text"}
+    assert set(results["retrieval"]) == {
+        "image->text",
+        "image->audio",
+        "text->image",
+        "text->audio",
+        "audio->image",
+        "audio->text",
+    }
     for metrics in results["retrieval"].values():
         assert 0.0 <= metrics["R@1"] <= metrics["R@5"] <= metrics["R@10"] <= 1.0
     assert "mean R@1" in evaluated.stdout

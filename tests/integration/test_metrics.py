@@ -8,6 +8,7 @@ Integration: Debian's real Prometheus server scrapes the exporters of a real
 data through Prometheus' HTTP API. The server is required: without it the test
 fails and says how to install it (scripts/install_system_deps.sh), never skips.
 """
+
 from __future__ import annotations
 
 import json
@@ -36,17 +37,41 @@ LOOPBACK = MetricsConfig(enabled=True, port=0, addr="127.0.0.1")
 MIN_STEPS = 10  # steps both ranks train before the dashboard is checked (calibrator warm-up: 3)
 
 FULL_RECORD: dict[str, Any] = {
-    "step": 7, "loss": 2.5, "loss/image-text": 1.25, "loss/text-audio": 0.75, "lr": 1e-3, "logit_scale": 14.25,
-    "samples_per_s": 320.0, "step_time_s": 0.2, "data_wait_s": 0.05, "completion_time_s": 0.01,
-    "present/image": 10, "present/text": 16, "present/audio": 8,
-    "imputed/image": 6, "imputed/text": 0, "imputed/audio": 8,
-    "bad_samples": 3, "calibrator/log_likelihood": -12.5, "calibrator/sigma2/image": 0.125,
-    "anchor_shift/observed_only": 0.4, "anchor_shift/calibrated": 0.1, "time": 1.7e9,
+    "step": 7,
+    "loss": 2.5,
+    "loss/image-text": 1.25,
+    "loss/text-audio": 0.75,
+    "lr": 1e-3,
+    "logit_scale": 14.25,
+    "samples_per_s": 320.0,
+    "step_time_s": 0.2,
+    "data_wait_s": 0.05,
+    "completion_time_s": 0.01,
+    "present/image": 10,
+    "present/text": 16,
+    "present/audio": 8,
+    "imputed/image": 6,
+    "imputed/text": 0,
+    "imputed/audio": 8,
+    "bad_samples": 3,
+    "calibrator/log_likelihood": -12.5,
+    "calibrator/sigma2/image": 0.125,
+    "anchor_shift/observed_only": 0.4,
+    "anchor_shift/calibrated": 0.1,
+    "time": 1.7e9,
 }
 # What a step may look like where most values were not measured.
 SPARSE_RECORD: dict[str, Any] = {
-    "step": 8, "loss": None, "lr": None, "samples_per_s": None, "step_time_s": 0.4, "data_wait_s": None,
-    "completion_time_s": None, "present/image": None, "imputed/audio": 2, "bad_samples": 2,
+    "step": 8,
+    "loss": None,
+    "lr": None,
+    "samples_per_s": None,
+    "step_time_s": 0.4,
+    "data_wait_s": None,
+    "completion_time_s": None,
+    "present/image": None,
+    "imputed/audio": 2,
+    "bad_samples": 2,
     "calibrator/log_likelihood": None,
 }
 
@@ -55,8 +80,11 @@ def scrape(port: int) -> dict[tuple[str, frozenset], float]:
     """One scrape of an exporter: {(sample name, labels): value}."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
         text = response.read().decode()
-    return {(s.name, frozenset(s.labels.items())): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
 
 
 def value(samples: dict, name: str, **labels: str) -> float:
@@ -159,8 +187,10 @@ def dashboard_queries() -> list[tuple[str, str]]:
 def test_dashboard_is_valid_and_names_only_exported_metrics():
     board = json.loads(DASHBOARD.read_text())
     assert board["schemaVersion"] >= 39 and board["uid"]
-    assert any(v["name"] == "DS_PROMETHEUS" and v["type"] == "datasource" and v["query"] == "prometheus"
-               for v in board["templating"]["list"])
+    assert any(
+        v["name"] == "DS_PROMETHEUS" and v["type"] == "datasource" and v["query"] == "prometheus"
+        for v in board["templating"]["list"]
+    )
     ids = [p["id"] for p in board["panels"]]
     assert len(ids) == len(set(ids))
     for panel in board["panels"]:
@@ -177,6 +207,7 @@ def test_dashboard_is_valid_and_names_only_exported_metrics():
 
 # -- integration: a real 2-rank training run scraped by a real Prometheus -----------------
 
+
 def _train_and_export(rank: int, world: int, shards: str, out_dir: str, ipc: str, max_seconds: float) -> int:
     """Train until the parent drops `ipc/stop` (or max_seconds); the trainer's exporter serves the metrics.
 
@@ -188,8 +219,9 @@ def _train_and_export(rank: int, world: int, shards: str, out_dir: str, ipc: str
     from data_pipeline.reader import BatchLoader
     from pretrain.trainer import build_trainer
 
-    cfg = tiny_config(shards, out_dir, train={"steps": 100_000},
-                      metrics={"enabled": True, "port": 0, "addr": "127.0.0.1"})
+    cfg = tiny_config(
+        shards, out_dir, train={"steps": 100_000}, metrics={"enabled": True, "port": 0, "addr": "127.0.0.1"}
+    )
     exporter = MetricsExporter(cfg.metrics, rank, rank)  # this rank's endpoint, a trainer sink
     trainer = build_trainer(cfg, sinks=[exporter])
     try:
@@ -224,24 +256,37 @@ def _wait_for_ports(ipc: Path, world: int, ranks: threading.Thread, outcome: dic
 
 def _require_prometheus() -> None:
     if not os.access(PROMETHEUS, os.X_OK):
-        pytest.fail(f"{PROMETHEUS} is missing: this test needs Debian's prometheus server; "
-                    "install it with `sudo scripts/install_system_deps.sh` (apt-get install prometheus)")
+        pytest.fail(
+            f"{PROMETHEUS} is missing: this test needs Debian's prometheus server; "
+            "install it with `sudo scripts/install_system_deps.sh` (apt-get install prometheus)"
+        )
 
 
 def _start_prometheus(work: Path, targets: list[int]) -> tuple[subprocess.Popen, str]:
     config = work / "prometheus.yml"
-    config.write_text(json.dumps({  # JSON is YAML
-        "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
-        "scrape_configs": [{"job_name": "calmrl",
-                            "static_configs": [{"targets": [f"127.0.0.1:{p}" for p in targets]}]}],
-    }))
+    config.write_text(
+        json.dumps(
+            {  # JSON is YAML
+                "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
+                "scrape_configs": [
+                    {"job_name": "calmrl", "static_configs": [{"targets": [f"127.0.0.1:{p}" for p in targets]}]}
+                ],
+            }
+        )
+    )
     port = free_port()
     log = work / "prometheus.log"
     with open(log, "w") as stderr:
         proc = subprocess.Popen(
-            [str(PROMETHEUS), f"--config.file={config}", f"--storage.tsdb.path={work / 'tsdb'}",
-             f"--web.listen-address=127.0.0.1:{port}"],
-            stdout=subprocess.DEVNULL, stderr=stderr)
+            [
+                str(PROMETHEUS),
+                f"--config.file={config}",
+                f"--storage.tsdb.path={work / 'tsdb'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
     api = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30
     while True:
@@ -284,8 +329,16 @@ def test_prometheus_scrapes_a_two_rank_run_and_every_dashboard_query_has_data(sy
 
     def ranks() -> None:
         try:
-            outcome["steps"] = run_distributed(_train_and_export, 2, ipc, str(synthetic_dir / "train"),
-                                               str(tmp_path / "run"), str(ipc), 150.0, timeout=240)
+            outcome["steps"] = run_distributed(
+                _train_and_export,
+                2,
+                ipc,
+                str(synthetic_dir / "train"),
+                str(tmp_path / "run"),
+                str(ipc),
+                150.0,
+                timeout=240,
+            )
         except BaseException as e:  # reported by the main thread
             outcome["error"] = e
 
@@ -326,7 +379,8 @@ def test_prometheus_scrapes_a_two_rank_run_and_every_dashboard_query_has_data(sy
             except AssertionError as e:
                 invalid[(title, expr)] = str(e)
         assert not invalid, "invalid dashboard queries:\n" + "\n".join(
-            f"  [{title}] {expr}\n    -> {why}" for (title, expr), why in invalid.items())
+            f"  [{title}] {expr}\n    -> {why}" for (title, expr), why in invalid.items()
+        )
         deadline = time.monotonic() + 60
         while True:
             failures = {}
@@ -337,7 +391,8 @@ def test_prometheus_scrapes_a_two_rank_run_and_every_dashboard_query_has_data(sy
             if not failures:
                 break
             assert time.monotonic() < deadline, "dashboard queries without data:\n" + "\n".join(
-                f"  [{title}] {expr}\n    -> {why}" for (title, expr), why in failures.items())
+                f"  [{title}] {expr}\n    -> {why}" for (title, expr), why in failures.items()
+            )
             time.sleep(1)
     finally:
         (ipc / "stop").touch()

@@ -1,4 +1,5 @@
 """Shards on S3 through s3fs, against moto's real S3 server on 127.0.0.1."""
+
 from __future__ import annotations
 
 import time
@@ -84,8 +85,19 @@ def test_cli_builds_shards_straight_to_s3(s3_env, tmp_path):
     fs = filesystem("s3://calmrl-cli")
     if not fs.exists("calmrl-cli"):
         fs.mkdir("calmrl-cli")
-    result = run_cli("data", "build", "--source", "synthetic", "--out", "s3://calmrl-cli/syn",
-                     "--num-samples", "200", "--shard-size", "50", timeout=180)
+    result = run_cli(
+        "data",
+        "build",
+        "--source",
+        "synthetic",
+        "--out",
+        "s3://calmrl-cli/syn",
+        "--num-samples",
+        "200",
+        "--shard-size",
+        "50",
+        timeout=180,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "uploaded to s3://calmrl-cli/syn" in result.stdout
     cfg = DataConfig(shards="s3://calmrl-cli/syn/train", batch_size=16)

@@ -1,5 +1,6 @@
 """`calmrl launch slurm`: the rendered sbatch script (dry run, fake sbatch) and a real
 2-process CPU training submitted to a single-node Slurm on localhost (tests/integration/slurm_cluster.py)."""
+
 from __future__ import annotations
 
 import argparse
@@ -46,16 +47,34 @@ echo "4242;calmrltest"
 
 
 def sbatch_lines(script: str) -> list[str]:
-    return [line[len("#SBATCH "):] for line in script.splitlines() if line.startswith("#SBATCH ")]
+    return [line[len("#SBATCH ") :] for line in script.splitlines() if line.startswith("#SBATCH ")]
 
 
 def test_dry_run_renders_cpu_script(tmp_path, capsys, fake_sbatch, monkeypatch):
     monkeypatch.chdir(REPO)
     out_dir = tmp_path / "run"
-    rc = launch([str(TINY.relative_to(REPO)), "--nodes", "2", "--gpus-per-node", "0", "--nproc-per-node", "2",
-                 "--partition", "debug", "--time", "00:30:00", "--job-name", "tiny", "--dry-run",
-                 f"--train.out_dir={out_dir}", "--data.batch_size=16", "--metrics.port=9555",
-                 "--data.shards=my data/train"])
+    rc = launch(
+        [
+            str(TINY.relative_to(REPO)),
+            "--nodes",
+            "2",
+            "--gpus-per-node",
+            "0",
+            "--nproc-per-node",
+            "2",
+            "--partition",
+            "debug",
+            "--time",
+            "00:30:00",
+            "--job-name",
+            "tiny",
+            "--dry-run",
+            f"--train.out_dir={out_dir}",
+            "--data.batch_size=16",
+            "--metrics.port=9555",
+            "--data.shards=my data/train",
+        ]
+    )
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     script = captured.out
@@ -67,41 +86,75 @@ def test_dry_run_renders_cpu_script(tmp_path, capsys, fake_sbatch, monkeypatch):
 
     assert script.startswith("#!/bin/bash\n")
     assert sbatch_lines(script) == [
-        "--job-name=tiny", "--nodes=2", "--ntasks-per-node=1", "--partition=debug", "--time=00:30:00",
-        f"--output={out_dir}/slurm/%x-%j.out", f"--chdir={REPO}", "--export=ALL"]
+        "--job-name=tiny",
+        "--nodes=2",
+        "--ntasks-per-node=1",
+        "--partition=debug",
+        "--time=00:30:00",
+        f"--output={out_dir}/slurm/%x-%j.out",
+        f"--chdir={REPO}",
+        "--export=ALL",
+    ]
     assert not any("gpus" in s or "gres" in s for s in sbatch_lines(script))  # CPU mode asks for no GPU
     assert "export DS_ACCELERATOR=cpu" in script
     assert "NPROC_PER_NODE=2" in script
     assert 'MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)"' in script
-    for env in ("NCCL_ASYNC_ERROR_HANDLING=1", "TORCH_NCCL_ASYNC_ERROR_HANDLING=1", "NCCL_DEBUG=",
-                "OMP_NUM_THREADS="):
+    for env in ("NCCL_ASYNC_ERROR_HANDLING=1", "TORCH_NCCL_ASYNC_ERROR_HANDLING=1", "NCCL_DEBUG=", "OMP_NUM_THREADS="):
         assert f"export {env}" in script, env
     assert f"PYTHON={sys.executable}" in script
 
-    command = script[script.index("\nsrun "):].replace("\\\n", " ")
+    command = script[script.index("\nsrun ") :].replace("\\\n", " ")
     words = command.split()
     assert words[0] == "srun" and "--ntasks-per-node=1" in words
     assert '"$PYTHON" -m torch.distributed.run' in " ".join(words)
     joined = " ".join(words)
-    for arg in ("--rdzv-backend c10d", '--rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT"', '--rdzv-id "$SLURM_JOB_ID"',
-                '--nnodes "$SLURM_NNODES"', '--nproc-per-node "$NPROC_PER_NODE"'):
+    for arg in (
+        "--rdzv-backend c10d",
+        '--rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT"',
+        '--rdzv-id "$SLURM_JOB_ID"',
+        '--nnodes "$SLURM_NNODES"',
+        '--nproc-per-node "$NPROC_PER_NODE"',
+    ):
         assert arg in joined, arg
-    train = joined[joined.index("-m cluster.cli"):]
-    assert train == (f"-m cluster.cli train {TINY} --train.out_dir={out_dir} --data.batch_size=16 "
-                     f"'--data.shards=my data/train' --metrics.port=9555")
+    train = joined[joined.index("-m cluster.cli") :]
+    assert train == (
+        f"-m cluster.cli train {TINY} --train.out_dir={out_dir} --data.batch_size=16 "
+        f"'--data.shards=my data/train' --metrics.port=9555"
+    )
 
     subprocess.run(["bash", "-n", str(path)], check=True)  # valid bash
     # The rendered command line, evaluated by bash, gives back the exact arguments.
-    echoed = subprocess.run(["bash", "-c", 'printf "%s\\n" ' + train.split(" ", 3)[3]],
-                            capture_output=True, text=True, check=True).stdout.splitlines()
-    assert echoed == [str(TINY), f"--train.out_dir={out_dir}", "--data.batch_size=16", "--data.shards=my data/train",
-                      "--metrics.port=9555"]
+    echoed = subprocess.run(
+        ["bash", "-c", 'printf "%s\\n" ' + train.split(" ", 3)[3]], capture_output=True, text=True, check=True
+    ).stdout.splitlines()
+    assert echoed == [
+        str(TINY),
+        f"--train.out_dir={out_dir}",
+        "--data.batch_size=16",
+        "--data.shards=my data/train",
+        "--metrics.port=9555",
+    ]
 
 
 def test_gpu_script_and_option_checks(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    rc = launch([str(TINY), "--nodes", "4", "--gpus-per-node", "8", "--cpus-per-task", "32", "--dry-run",
-                 "--train.out_dir=run", "--master-port", "29400", "--resume", "latest"])
+    rc = launch(
+        [
+            str(TINY),
+            "--nodes",
+            "4",
+            "--gpus-per-node",
+            "8",
+            "--cpus-per-task",
+            "32",
+            "--dry-run",
+            "--train.out_dir=run",
+            "--master-port",
+            "29400",
+            "--resume",
+            "latest",
+        ]
+    )
     script = capsys.readouterr().out
     assert rc == 0
     assert "--gpus-per-node=8" in sbatch_lines(script) and "--cpus-per-task=32" in sbatch_lines(script)
@@ -114,10 +167,12 @@ def test_gpu_script_and_option_checks(tmp_path, capsys, monkeypatch):
     assert script.rstrip().endswith("--metrics.port=9400 --resume latest")  # the config's port
     assert (tmp_path / "run" / "slurm" / "job.sbatch").is_file()
 
-    for bad, why in ((["--nproc-per-node", "2"], "--nproc-per-node 2 != --gpus-per-node 8"),
-                     (["--time", "tomorrow"], "not a Slurm time"),
-                     (["--nodes", "0"], "--nodes must be >= 1"),
-                     (["--bogus", "3"], "unrecognised arguments: --bogus 3")):
+    for bad, why in (
+        (["--nproc-per-node", "2"], "--nproc-per-node 2 != --gpus-per-node 8"),
+        (["--time", "tomorrow"], "not a Slurm time"),
+        (["--nodes", "0"], "--nodes must be >= 1"),
+        (["--bogus", "3"], "unrecognised arguments: --bogus 3"),
+    ):
         argv = [str(TINY), "--nodes", "1", "--gpus-per-node", "8", "--dry-run", "--train.out_dir=run2", *bad]
         assert launch(argv) == 2
         assert why in capsys.readouterr().err
@@ -126,8 +181,7 @@ def test_gpu_script_and_option_checks(tmp_path, capsys, monkeypatch):
 
 def test_config_typo_fails_before_rendering(tmp_path, capsys, fake_sbatch):
     out_dir = tmp_path / "run"
-    rc = launch([str(TINY), "--nodes", "1", "--gpus-per-node", "0", f"--train.out_dir={out_dir}",
-                 "--train.stepz=5"])
+    rc = launch([str(TINY), "--nodes", "1", "--gpus-per-node", "0", f"--train.out_dir={out_dir}", "--train.stepz=5"])
     captured = capsys.readouterr()
     assert rc == 2
     assert "config error" in captured.err and "train.stepz" in captured.err
@@ -170,8 +224,19 @@ def test_cli_has_launch_slurm(tmp_path, capsys):
     """`calmrl launch slurm` is wired into cluster/cli.py (add_launch_parser + cmd_launch_slurm)."""
     from cluster.cli import main
 
-    rc = main(["launch", "slurm", str(TINY), "--nodes", "1", "--gpus-per-node", "0", "--dry-run",
-               f"--train.out_dir={tmp_path / 'run'}"])
+    rc = main(
+        [
+            "launch",
+            "slurm",
+            str(TINY),
+            "--nodes",
+            "1",
+            "--gpus-per-node",
+            "0",
+            "--dry-run",
+            f"--train.out_dir={tmp_path / 'run'}",
+        ]
+    )
     assert rc == 0 and "srun " in capsys.readouterr().out
     with pytest.raises(SystemExit) as done:
         main(["launch", "slurm", "--help"])
@@ -186,15 +251,41 @@ def test_slurm_job_trains_two_cpu_processes(tmp_path, slurm_cluster):  # noqa: F
     # DeepSpeed's CPU comm op is compiled once into this folder (conftest); the job must find it.
     assert env.get("TORCH_EXTENSIONS_DIR"), "conftest sets TORCH_EXTENSIONS_DIR"
     data, out_dir = tmp_path / "data", tmp_path / "run"
-    built = run_cli("data", "build", "--source", "synthetic", "--out", str(data), "--num-samples", "400",
-                    "--shard-size", "50", env={**env, "OMP_NUM_THREADS": "1"})
+    built = run_cli(
+        "data",
+        "build",
+        "--source",
+        "synthetic",
+        "--out",
+        str(data),
+        "--num-samples",
+        "400",
+        "--shard-size",
+        "50",
+        env={**env, "OMP_NUM_THREADS": "1"},
+    )
     assert built.returncode == 0, built.stderr[-3000:]
 
-    launched = run_cli("launch", "slurm", str(TINY), "--nodes", "1", "--gpus-per-node", "0",
-                       "--nproc-per-node", "2", f"--data.shards={data / 'train'}", f"--train.out_dir={out_dir}",
-                       "--train.steps=6", "--train.log_every=1", "--data.batch_size=16", "--data.num_workers=0",
-                       "--model.text.depth=1",
-                       env=env, timeout=60)
+    launched = run_cli(
+        "launch",
+        "slurm",
+        str(TINY),
+        "--nodes",
+        "1",
+        "--gpus-per-node",
+        "0",
+        "--nproc-per-node",
+        "2",
+        f"--data.shards={data / 'train'}",
+        f"--train.out_dir={out_dir}",
+        "--train.steps=6",
+        "--train.log_every=1",
+        "--data.batch_size=16",
+        "--data.num_workers=0",
+        "--model.text.depth=1",
+        env=env,
+        timeout=60,
+    )
     assert launched.returncode == 0, launched.stdout + launched.stderr
     match = re.search(r"submitted Slurm job (\d+)", launched.stdout)
     assert match, launched.stdout
@@ -205,8 +296,10 @@ def test_slurm_job_trains_two_cpu_processes(tmp_path, slurm_cluster):  # noqa: F
         cluster.run("scancel", job_id)
     log = Path(info.get("StdOut") or out_dir / "slurm" / f"calmrl-run-{job_id}.out")
     log_text = log.read_text(errors="replace") if log.is_file() else f"(no job log at {log})"
-    report = (f"job {job_id}: {info.get('JobState')} exit {info.get('ExitCode')} "
-              f"reason {info.get('Reason')}\n--- job log (tail):\n{log_text[-6000:]}\n{cluster.logs_tail(15)}")
+    report = (
+        f"job {job_id}: {info.get('JobState')} exit {info.get('ExitCode')} "
+        f"reason {info.get('Reason')}\n--- job log (tail):\n{log_text[-6000:]}\n{cluster.logs_tail(15)}"
+    )
     assert info.get("JobState") == "COMPLETED" and info.get("ExitCode") == "0:0", report
     assert log == out_dir / "slurm" / f"calmrl-run-{job_id}.out"
     assert "2 rank(s) per node, rendezvous localhost:" in log_text, report

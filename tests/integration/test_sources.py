@@ -4,6 +4,7 @@ folder of files and a JSONL manifest, each written as shards the reader reads.
 The tuxpaint build downloads ~160 MB once into the calmrl cache
 ($CALMRL_CACHE or ~/.cache/calmrl), kept across runs; later runs verify the
 cached .deb and reuse its extraction."""
+
 from __future__ import annotations
 
 import io
@@ -130,8 +131,13 @@ def _decode_shard(path: str) -> tuple[int, list[str]]:
         for t in meta["audio_tracks"]:
             wave, rate = soundfile.read(io.BytesIO(raw[t["name"]]), dtype="float32", always_2d=True)
             n += 1
-            if rate != t["sample_rate"] or wave.shape[0] == 0 or wave.shape[1] != t["channels"] \
-                    or not np.isfinite(wave).all() or abs(wave.shape[0] / rate - t["seconds"]) > 0.01:
+            if (
+                rate != t["sample_rate"]
+                or wave.shape[0] == 0
+                or wave.shape[1] != t["channels"]
+                or not np.isfinite(wave).all()
+                or abs(wave.shape[0] / rate - t["seconds"]) > 0.01
+            ):
                 problems.append(f"{raw['__key__']}/{t['name']}")
     return n, problems
 
@@ -167,8 +173,9 @@ def test_tuxpaint_split_by_stamp_is_deterministic_and_disjoint(tuxpaint_build):
         captions_of[split] = {" ".join(raw["txt"].decode().lower().split()) for raw, _ in samples if "txt" in raw}
         for raw, meta in samples:
             # stamps sharing an English caption share a split; stamps without one go by path
-            group = ("caption:" + " ".join(raw["txt"].decode().lower().split()) if "txt" in raw
-                     else "path:" + meta["stamp"])
+            group = (
+                "caption:" + " ".join(raw["txt"].decode().lower().split()) if "txt" in raw else "path:" + meta["stamp"]
+            )
             assert split_of(group, (0.8, 0.1, 0.1)) == split
     train, val, test = (set(stamps_of[s]) for s in SPLITS)
     assert not (train & val or train & test or val & test)
@@ -218,8 +225,10 @@ def _fake_apt(tmp_path: Path, monkeypatch) -> None:
     bin_dir.mkdir()
     for name in ("apt-cache", "apt-get"):
         script = bin_dir / name
-        script.write_text("#!/bin/sh\necho 'N: Unable to locate package tuxpaint-stamps-default' >&2\n"
-                          "echo 'E: No packages found' >&2\nexit 100\n")
+        script.write_text(
+            "#!/bin/sh\necho 'N: Unable to locate package tuxpaint-stamps-default' >&2\n"
+            "echo 'E: No packages found' >&2\nexit 100\n"
+        )
         script.chmod(script.stat().st_mode | stat.S_IEXEC)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
 
@@ -261,27 +270,33 @@ def _audio(path: Path, fmt: str, rate: int = 16000, seconds: float = 0.3) -> Non
 @pytest.fixture()
 def user_folder(tmp_path) -> Path:
     root = tmp_path / "mydata"
-    _png(root / "dogs/dog1.png"); (root / "dogs/dog1.txt").write_text("a brown dog\n")
+    _png(root / "dogs/dog1.png")
+    (root / "dogs/dog1.txt").write_text("a brown dog\n")
     _audio(root / "dogs/dog1.wav", "wav")
     _png(root / "dogs/dog2.png", mode="RGBA", colour=(0, 0, 0, 0))  # fully transparent
     (root / "dogs/dog2.txt").write_text("a sleeping dog")
     (root / "cats").mkdir()
     Image.new("RGB", (9, 9), (1, 2, 3)).save(root / "cats/cat1.jpg")
-    (root / "cats/cat2.txt").write_text("a cat purring"); _audio(root / "cats/cat2.flac", "flac")
+    (root / "cats/cat2.txt").write_text("a cat purring")
+    _audio(root / "cats/cat2.flac", "flac")
     _audio(root / "cats/cat2.ogg", "ogg", rate=44100)
     _audio(root / "cats/cat3.wav", "wav", rate=8000)
-    _png(root / "cats/quiet.png"); (root / "cats/quiet.txt").write_text("")  # empty caption: image only
+    _png(root / "cats/quiet.png")
+    (root / "cats/quiet.txt").write_text("")  # empty caption: image only
     (root / "cats/blank.txt").write_text("  \n")  # nothing else: no modality
     (root / "cats/broken.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not a picture")
     (root / "cats/broken.txt").write_text("a broken picture")
-    _png(root / "top.png"); (root / "top.txt").write_text("no folder, no label")
-    (root / "notes.md").write_text("ignored"); _png(root / ".hidden.png")
+    _png(root / "top.png")
+    (root / "top.txt").write_text("no folder, no label")
+    (root / "notes.md").write_text("ignored")
+    _png(root / ".hidden.png")
     return root
 
 
 def test_folder_corrupt_image_names_the_file_and_the_fix(user_folder, tmp_path, capsys):
-    code = cli_main(["data", "build", "--source", "folder", "--input", str(user_folder),
-                     "--out", str(tmp_path / "out")])
+    code = cli_main(
+        ["data", "build", "--source", "folder", "--input", str(user_folder), "--out", str(tmp_path / "out")]
+    )
     err = capsys.readouterr().err
     assert code == 2
     assert str(user_folder / "cats/broken.png") in err and "--skip-bad" in err and "does not decode" in err
@@ -290,8 +305,23 @@ def test_folder_corrupt_image_names_the_file_and_the_fix(user_folder, tmp_path, 
 
 def test_folder_builds_and_reads_back(user_folder, tmp_path, capsys):
     out = tmp_path / "out"
-    code = cli_main(["data", "build", "--source", "folder", "--input", str(user_folder), "--out", str(out),
-                     "--split-fractions", "1,0,0", "--skip-bad", "--shard-size", "3"])
+    code = cli_main(
+        [
+            "data",
+            "build",
+            "--source",
+            "folder",
+            "--input",
+            str(user_folder),
+            "--out",
+            str(out),
+            "--split-fractions",
+            "1,0,0",
+            "--skip-bad",
+            "--shard-size",
+            "3",
+        ]
+    )
     summary = capsys.readouterr().out
     assert code == 0 and "9 records" in summary and "bad_image 1" in summary
     index = read_index(out / "train")
@@ -299,14 +329,15 @@ def test_folder_builds_and_reads_back(user_folder, tmp_path, capsys):
     assert index["build"]["skipped"] == {"bad_image": 1, "no_modality": 1}
     # quiet.txt (its record keeps the image) and blank.txt (its record, left empty, is skipped)
     assert index["build"]["counters"] == {"empty_captions": 2} and index["build"]["ignored_files"] == 2
-    assert index["pattern_counts"] == {"image": 2, "image+text": 2, "image+text+audio": 1, "text+audio": 1,
-                                       "audio": 1}
+    assert index["pattern_counts"] == {"image": 2, "image+text": 2, "image+text+audio": 1, "text+audio": 1, "audio": 1}
     assert read_index(out / "val")["num_samples"] == 0 == read_index(out / "test")["num_samples"]
     metas = {raw["__key__"]: (raw, meta) for raw, meta in shard_samples(out / "train")}
     assert set(metas) == {"dogs_dog1", "dogs_dog2", "cats_cat1", "cats_cat2", "cats_cat3", "cats_quiet", "top"}
     raw, meta = metas["cats_cat2"]
-    assert [(t["name"], t["sample_rate"]) for t in meta["audio_tracks"]] == [("audio0.flac", 16000),
-                                                                             ("audio1.ogg", 44100)]
+    assert [(t["name"], t["sample_rate"]) for t in meta["audio_tracks"]] == [
+        ("audio0.flac", 16000),
+        ("audio1.ogg", 44100),
+    ]
     assert "jpg" in metas["cats_cat1"][0] and metas["cats_quiet"][1]["text_absent"] == "empty_caption"
     assert metas["top"][1]["label"] == -1 and metas["dogs_dog1"][1]["label"] == 1
     rows, bad = read_back(out)
@@ -325,8 +356,10 @@ def _manifest(root: Path, lines: list[str]) -> Path:
 @pytest.fixture()
 def manifest_files(tmp_path) -> Path:
     base = tmp_path / "data"
-    _png(base / "img/a.png"); _png(base / "img/b.png", mode="LA", colour=(10, 128))
-    _audio(base / "snd/a.wav", "wav"); _audio(base / "snd/c.flac", "flac", rate=22050)
+    _png(base / "img/a.png")
+    _png(base / "img/b.png", mode="LA", colour=(10, 128))
+    _audio(base / "snd/a.wav", "wav")
+    _audio(base / "snd/c.flac", "flac", rate=22050)
     (base / "img/bad.png").write_bytes(b"GIF89a but truncated")
     return tmp_path
 
@@ -342,12 +375,15 @@ GOOD_LINES = [
 ]
 
 
-@pytest.mark.parametrize("bad_line, message", [
-    ('{"image": "img/a.png", "caption": "x"', "not JSON"),
-    ('{"image": "img/missing.png"}', "does not exist"),
-    ('{"image": "img/bad.png", "caption": "x"}', "image does not decode"),
-    ('{"imgae": "img/a.png"}', "unknown field(s) imgae"),
-])
+@pytest.mark.parametrize(
+    "bad_line, message",
+    [
+        ('{"image": "img/a.png", "caption": "x"', "not JSON"),
+        ('{"image": "img/missing.png"}', "does not exist"),
+        ('{"image": "img/bad.png", "caption": "x"}', "image does not decode"),
+        ('{"imgae": "img/a.png"}', "unknown field(s) imgae"),
+    ],
+)
 def test_jsonl_errors_name_the_line_and_file(manifest_files, tmp_path, bad_line, message):
     manifest = _manifest(manifest_files, GOOD_LINES + [bad_line])
     with pytest.raises(SourceError) as err:
@@ -362,20 +398,22 @@ def test_jsonl_builds_and_reads_back(manifest_files, tmp_path):
     lines = GOOD_LINES + ['{"caption": "   "}', '{"image": "img/bad.png", "caption": "x"}', "{not json"]
     manifest = _manifest(manifest_files, lines)
     out = tmp_path / "out"
-    report = SOURCES["jsonl"](BuildOptions(out=out, input=manifest, split_fractions=(1.0, 0.0, 0.0),
-                                           skip_bad=True, progress=False))
+    report = SOURCES["jsonl"](
+        BuildOptions(out=out, input=manifest, split_fractions=(1.0, 0.0, 0.0), skip_bad=True, progress=False)
+    )
     index = read_index(out / "train")
     assert index["classes"] == ["circle", "square"]
     assert index["build"]["skipped"] == {"bad_image": 1, "bad_line": 1, "no_modality": 1}
     assert index["build"]["counters"] == {"empty_captions": 2}
-    assert index["pattern_counts"] == {"image+text+audio": 1, "text": 1, "image+audio": 1, "image+text": 1,
-                                       "audio": 1}
+    assert index["pattern_counts"] == {"image+text+audio": 1, "text": 1, "image+audio": 1, "image+text": 1, "audio": 1}
     assert "skipped" in report.summary
     metas = {raw["__key__"]: meta for raw, meta in shard_samples(out / "train")}
     assert {"img_a_png", "img_a_png-1"} <= set(metas)  # one image, two captions: two records, one group
     multi = metas["img_b_png"]
     assert [(t["name"], t["kind"], t["lang"]) for t in multi["audio_tracks"]] == [
-        ("audio0.wav", None, None), ("audio1.flac", "speech", "fr")]
+        ("audio0.wav", None, None),
+        ("audio1.flac", "speech", "fr"),
+    ]
     assert multi["meta"] == {"source_id": 7} and multi["line"] == 3
     rows, bad = read_back(out, audio_policy="speech:fr")
     assert bad.count == 0 and set(rows) == set(metas)
@@ -402,19 +440,47 @@ def test_jsonl_split_is_deterministic_disjoint_and_keeps_groups(tmp_path):
 
 
 def test_synthetic_still_builds_through_the_registry(tmp_path, capsys):
-    code = cli_main(["data", "build", "--source", "synthetic", "--out", str(tmp_path / "syn"),
-                     "--num-samples", "60", "--shard-size", "30"])
+    code = cli_main(
+        [
+            "data",
+            "build",
+            "--source",
+            "synthetic",
+            "--out",
+            str(tmp_path / "syn"),
+            "--num-samples",
+            "60",
+            "--shard-size",
+            "30",
+        ]
+    )
     assert code == 0
     assert "train 48 samples in 2 shards" in capsys.readouterr().out
     assert read_index(tmp_path / "syn" / "train")["source"] == "synthetic"
 
 
 def test_synthetic_missing_rates_from_the_command_line(tmp_path, capsys):
-    code = cli_main(["data", "build", "--source", "synthetic", "--out", str(tmp_path / "syn"),
-                     "--num-samples", "60", "--shard-size", "30", "--missing", "0,0,0"])
+    code = cli_main(
+        [
+            "data",
+            "build",
+            "--source",
+            "synthetic",
+            "--out",
+            str(tmp_path / "syn"),
+            "--num-samples",
+            "60",
+            "--shard-size",
+            "30",
+            "--missing",
+            "0,0,0",
+        ]
+    )
     assert code == 0
     for split in ("train", "val", "test"):
         assert set(read_index(tmp_path / "syn" / split)["pattern_counts"]) == {"image+text+audio"}
-    assert cli_main(["data", "build", "--source", "synthetic", "--out", str(tmp_path / "bad"),
-                     "--missing", "0,1.5,0"]) == 2
+    assert (
+        cli_main(["data", "build", "--source", "synthetic", "--out", str(tmp_path / "bad"), "--missing", "0,1.5,0"])
+        == 2
+    )
     assert "--missing '0,1.5,0'" in capsys.readouterr().err

@@ -1,6 +1,7 @@
 """`calmrl sweep`: the sweep file is checked before anything starts, and a real
 2-trial grid sweep (each trial a 2-worker Ray Train + DeepSpeed run on gloo,
 on loopback) finishes with a table, a CSV and a plot, and resumes."""
+
 from __future__ import annotations
 
 import csv
@@ -30,28 +31,36 @@ def write_base(tmp_path: Path, shards: str | Path) -> Path:
 
 
 def write_sweep(tmp_path: Path, base: Path, **fields) -> Path:
-    tree = {"base_config": str(base), "out_dir": str(tmp_path / "sweep"), "search": "grid",
-            "params": {"calibration.method": ["calmrl", "observed_only"]}, **fields}
+    tree = {
+        "base_config": str(base),
+        "out_dir": str(tmp_path / "sweep"),
+        "search": "grid",
+        "params": {"calibration.method": ["calmrl", "observed_only"]},
+        **fields,
+    }
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(tree, sort_keys=False))
     return path
 
 
 # --- the sweep file ----------------------------------------------------------
-@pytest.mark.parametrize("fields,message", [
-    ({"params": {"data.extra_missing_rate": [0.1, 0.2]}}, "not a config key"),
-    ({"params": {"calibration": ["calmrl"]}}, "config section"),
-    ({"params": {"train.lr": 3e-4}}, "must be a list"),
-    ({"params": {"train.lr": {"loguniform": [1e-2, 1e-4]}}}, "low < high"),
-    ({"params": {"calibration.method": ["calmrl", "bogus"]}}, "calibration.method"),
-    ({"params": {"train.zero_stage": [1, 5]}}, "train.zero_stage"),
-    ({"search": "bayes"}, "grid or random"),
-    ({"searchh": "grid"}, "unknown key 'searchh'"),
-    ({"metric": "val/mean_R@1"}, "eval_split"),
-    ({"asha": {"enabled": True, "metric": "val/mean_R@1"}}, "asha.metric"),
-    ({"overrides": {"calibration.method": "calmrl"}}, "both swept"),
-    ({"overrides": {"train.out_dir": "/elsewhere"}}, "set per trial"),
-])
+@pytest.mark.parametrize(
+    "fields,message",
+    [
+        ({"params": {"data.extra_missing_rate": [0.1, 0.2]}}, "not a config key"),
+        ({"params": {"calibration": ["calmrl"]}}, "config section"),
+        ({"params": {"train.lr": 3e-4}}, "must be a list"),
+        ({"params": {"train.lr": {"loguniform": [1e-2, 1e-4]}}}, "low < high"),
+        ({"params": {"calibration.method": ["calmrl", "bogus"]}}, "calibration.method"),
+        ({"params": {"train.zero_stage": [1, 5]}}, "train.zero_stage"),
+        ({"search": "bayes"}, "grid or random"),
+        ({"searchh": "grid"}, "unknown key 'searchh'"),
+        ({"metric": "val/mean_R@1"}, "eval_split"),
+        ({"asha": {"enabled": True, "metric": "val/mean_R@1"}}, "asha.metric"),
+        ({"overrides": {"calibration.method": "calmrl"}}, "both swept"),
+        ({"overrides": {"train.out_dir": "/elsewhere"}}, "set per trial"),
+    ],
+)
 def test_bad_sweep_files_are_rejected(tmp_path, fields, message):
     base = write_base(tmp_path, tmp_path / "shards")
     with pytest.raises(SweepError, match=message):
@@ -62,8 +71,12 @@ def test_search_spaces(tmp_path):
     from ray.tune.search.sample import Categorical, Float, Integer
 
     base = write_base(tmp_path, "relative/shards")
-    params = {"calibration.method": ["calmrl", "mean_fill"], "train.lr": {"loguniform": [1e-4, 3e-3]},
-              "calibration.latent_dim": {"randint": [4, 17]}, "loss.imputed_pair_weight": {"uniform": [0.2, 1.0]}}
+    params = {
+        "calibration.method": ["calmrl", "mean_fill"],
+        "train.lr": {"loguniform": [1e-4, 3e-3]},
+        "calibration.latent_dim": {"randint": [4, 17]},
+        "loss.imputed_pair_weight": {"uniform": [0.2, 1.0]},
+    }
     grid = load_sweep(write_sweep(tmp_path, base, params=params))
     space = param_space(grid)
     assert space["calibration.method"] == {"grid_search": ["calmrl", "mean_fill"]}
@@ -71,8 +84,7 @@ def test_search_spaces(tmp_path):
     assert (grid.metric, grid.mode, grid.cpus_per_worker) == ("loss", "min", 0.5)
     assert Path(grid.out_dir).is_absolute() and Path(grid.base_config).is_absolute()
 
-    rand = load_sweep(write_sweep(tmp_path, base, params=params, search="random", num_samples=5,
-                                  eval_split="val"))
+    rand = load_sweep(write_sweep(tmp_path, base, params=params, search="random", num_samples=5, eval_split="val"))
     assert isinstance(param_space(rand)["calibration.method"], Categorical)
     assert (rand.metric, rand.mode) == ("val/mean_R@1", "max")
     from cluster.sweep.config import trial_base_config
@@ -94,12 +106,24 @@ def test_results_table_csv_and_plot_from_results(tmp_path):
     sweep = load_sweep(write_sweep(tmp_path, base, eval_split="val", overrides={"train.steps": 8}))
     Path(sweep.out_dir).mkdir(parents=True)
     grid = [
-        SimpleNamespace(metrics={"trial_id": "t_1", "step": 8, "loss": 2.5, "val/mean_R@1": 0.25},
-                        config={"calibration.method": "calmrl"}, error=None, path="/x/t_1"),
-        SimpleNamespace(metrics={"trial_id": "t_2", "step": 4, "loss": 3.0}, config={"calibration.method": "observed_only"},
-                        error=None, path="/x/t_2"),
-        SimpleNamespace(metrics=None, config={"calibration.method": "mean_fill"},
-                        error=RuntimeError("Traceback ...\nValueError: boom"), path="/x/t_3"),
+        SimpleNamespace(
+            metrics={"trial_id": "t_1", "step": 8, "loss": 2.5, "val/mean_R@1": 0.25},
+            config={"calibration.method": "calmrl"},
+            error=None,
+            path="/x/t_1",
+        ),
+        SimpleNamespace(
+            metrics={"trial_id": "t_2", "step": 4, "loss": 3.0},
+            config={"calibration.method": "observed_only"},
+            error=None,
+            path="/x/t_2",
+        ),
+        SimpleNamespace(
+            metrics=None,
+            config={"calibration.method": "mean_fill"},
+            error=RuntimeError("Traceback ...\nValueError: boom"),
+            path="/x/t_3",
+        ),
     ]
     rows = result_rows(grid, sweep)
     assert [r["status"] for r in rows] == ["done", "stopped at step 4", "error"]
@@ -125,10 +149,15 @@ def run_sweep_cli(sweep_file: Path, *extra: str, timeout: float) -> subprocess.C
 def test_grid_sweep_of_distributed_runs(synthetic_dir, tmp_path):
     base = write_base(tmp_path, synthetic_dir / "train")
     sweep_file = write_sweep(
-        tmp_path, base,
+        tmp_path,
+        base,
         overrides={"train.steps": 6, "train.warmup_steps": 2, "calibration.warmup_steps": 2},
-        eval_split=str(synthetic_dir / "val"), workers_per_trial=2, use_gpu=False, cpus_per_worker=0.5,
-        max_concurrent_trials=1, report_every=2,
+        eval_split=str(synthetic_dir / "val"),
+        workers_per_trial=2,
+        use_gpu=False,
+        cpus_per_worker=0.5,
+        max_concurrent_trials=1,
+        report_every=2,
     )
     done = run_sweep_cli(sweep_file, timeout=330)
     assert done.returncode == 0, done.stdout[-6000:]
@@ -164,7 +193,8 @@ def test_grid_sweep_of_distributed_runs(synthetic_dir, tmp_path):
     again = run_sweep_cli(sweep_file, timeout=60)
     assert again.returncode == 0, again.stdout[-4000:]
     assert "sweep: resuming" in again.stdout
-    assert [r["val/mean_R@1"] for r in csv.DictReader((out / "results.csv").open())] == \
-        [r["val/mean_R@1"] for r in rows]
+    assert [r["val/mean_R@1"] for r in csv.DictReader((out / "results.csv").open())] == [
+        r["val/mean_R@1"] for r in rows
+    ]
     refused = run_sweep_cli(sweep_file, "--no-resume", timeout=30)
     assert refused.returncode == 2 and "already holds a sweep" in refused.stdout

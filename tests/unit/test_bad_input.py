@@ -1,5 +1,6 @@
 """Bad input is counted, logged once with key and shard, and skipped; missing
 shards and dead stores are errors that name them; resume sees an epoch once."""
+
 from __future__ import annotations
 
 import io
@@ -92,8 +93,9 @@ def test_bad_count_reaches_the_loader_state_with_workers(bad_split):
     for _ in range(30):
         next(loader)
     assert loader.state.bad_samples >= len(BAD_KEYS) + 1
-    resumed = BatchLoader(cfg_for(bad_split, num_workers=2, batch_size=5), 0, 1,
-                          LoaderState.from_dict(loader.state.to_dict()))
+    resumed = BatchLoader(
+        cfg_for(bad_split, num_workers=2, batch_size=5), 0, 1, LoaderState.from_dict(loader.state.to_dict())
+    )
     next(resumed)
     assert resumed.state.bad_samples >= loader.state.bad_samples  # counts survive a resume
 
@@ -128,8 +130,14 @@ def test_resume_mid_epoch_sees_every_sample_once(synthetic_dir):
 
 
 def test_resampled_mode_has_virtual_epochs_and_resumes(synthetic_dir):
-    cfg = DataConfig(shards=str(synthetic_dir / "val"), batch_size=10, num_workers=0, resampled=True,
-                     epoch_samples=30, shuffle_buffer=10)
+    cfg = DataConfig(
+        shards=str(synthetic_dir / "val"),
+        batch_size=10,
+        num_workers=0,
+        resampled=True,
+        epoch_samples=30,
+        shuffle_buffer=10,
+    )
     # val has 1 shard: fine for any number of readers in resampled mode
     ref_loader = BatchLoader(cfg, 0, 2)
     reference = [next(ref_loader)["key"] for _ in range(9)]

@@ -1,4 +1,5 @@
 """Completion of incomplete tuples: CalMRL's bi-step and the baselines."""
+
 from __future__ import annotations
 
 import pytest
@@ -16,15 +17,14 @@ def batch(seed: int = 0, n: int = 12):
     g = torch.Generator().manual_seed(seed)
     latent = torch.randn(n, 3, generator=g)
     maps = [torch.randn(3, D, generator=g) for _ in MODALITIES]
-    emb = {m: F.normalize(latent @ w + 0.05 * torch.randn(n, D, generator=g), dim=1)
-           for m, w in zip(MODALITIES, maps)}
+    emb = {m: F.normalize(latent @ w + 0.05 * torch.randn(n, D, generator=g), dim=1) for m, w in zip(MODALITIES, maps)}
     present = torch.ones(n, 3, dtype=torch.bool)
     present[0, 1:] = False  # image only
     present[1, 0] = False
     present[2, 2] = False
     present[3] = False  # a padding row
     for m, i in zip(MODALITIES, range(3)):
-        emb[m] = emb[m] * present[:, i:i + 1]
+        emb[m] = emb[m] * present[:, i : i + 1]
     return emb, present
 
 

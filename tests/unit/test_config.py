@@ -1,4 +1,5 @@
 """Typed config: presets load, overrides apply, mistakes name the key and file."""
+
 from __future__ import annotations
 
 import pytest
@@ -14,8 +15,10 @@ def test_presets_load(preset):
 
 
 def test_overrides_apply_with_types():
-    cfg = load_config(REPO / "configs/tiny_cpu.yaml", ["--train.lr=3e-4", "--train.zero_stage=3",
-                                                      "--model.text.depth=1", "--train.betas=[0.8, 0.9]"])
+    cfg = load_config(
+        REPO / "configs/tiny_cpu.yaml",
+        ["--train.lr=3e-4", "--train.zero_stage=3", "--model.text.depth=1", "--train.betas=[0.8, 0.9]"],
+    )
     assert cfg.train.lr == pytest.approx(3e-4) and isinstance(cfg.train.lr, float)
     assert cfg.train.zero_stage == 3 and cfg.model.text.depth == 1 and cfg.train.betas == [0.8, 0.9]
     assert cfg.model.text.name == "transformer"  # a nested override keeps the block's other fields

@@ -1,5 +1,6 @@
 """Synthetic shards: written atomically with an index, read back into the batch
 contract, split by rank and worker without overlap, resumable exactly."""
+
 from __future__ import annotations
 
 import json
@@ -21,8 +22,13 @@ from data_pipeline.tar_reading import BadInputLog, raw_samples
 
 
 def data_cfg(root: Path, **kw) -> DataConfig:
-    return DataConfig(shards=str(root / "train"), batch_size=kw.pop("batch_size", 16),
-                      num_workers=kw.pop("num_workers", 0), shuffle_buffer=kw.pop("shuffle_buffer", 32), **kw)
+    return DataConfig(
+        shards=str(root / "train"),
+        batch_size=kw.pop("batch_size", 16),
+        num_workers=kw.pop("num_workers", 0),
+        shuffle_buffer=kw.pop("shuffle_buffer", 32),
+        **kw,
+    )
 
 
 def test_index_counts_match_shards(synthetic_dir):
@@ -47,8 +53,9 @@ def test_shards_have_plain_headers_and_rebuild_byte_identical(tmp_path, monkeypa
     """Whole-second mtimes: no PAX header per member (half the headers to parse),
     and with SOURCE_DATE_EPOCH the same samples give the same bytes."""
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
-    samples = [{"__key__": f"s{i:03d}", "txt": f"caption {i}".encode(), "json": {"modalities": ["text"]}}
-               for i in range(12)]
+    samples = [
+        {"__key__": f"s{i:03d}", "txt": f"caption {i}".encode(), "json": {"modalities": ["text"]}} for i in range(12)
+    ]
     shards = []
     for name in ("a", "b"):
         with ShardSetWriter(tmp_path / name, shard_size=5) as writer:
@@ -67,7 +74,9 @@ def test_reading_by_layout_gives_the_samples_of_the_tar_headers(synthetic_dir):
     split = open_split(synthetic_dir / "train")
     assert set(split.layout_of) == set(split.shards)
     for url, layout_url in split.layout_of.items():
-        assert Path(layout_url).exists() and json.loads(Path(layout_url).read_text())["bytes"] == Path(url).stat().st_size
+        assert (
+            Path(layout_url).exists() and json.loads(Path(layout_url).read_text())["bytes"] == Path(url).stat().st_size
+        )
     by_layout, by_headers = BadInputLog(), BadInputLog()
     seeking = list(raw_samples(split.shards, by_layout, split.count_of, split.layout_of))
     headers = list(raw_samples(split.shards, by_headers, split.count_of))

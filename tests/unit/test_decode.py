@@ -1,4 +1,5 @@
 """Decoders: alpha on white, letterboxing, audio cropped before resampling."""
+
 from __future__ import annotations
 
 import io

@@ -1,4 +1,5 @@
 """Zero-shot accuracy and imputation error on constructed embeddings."""
+
 from __future__ import annotations
 
 import torch
@@ -24,8 +25,10 @@ def test_zero_shot_counts_only_labelled_rows_holding_the_modality():
 def test_calibrated_imputation_beats_mean_and_random_fill():
     g = torch.Generator().manual_seed(0)
     latent = torch.randn(600, 4, generator=g)
-    emb = {m: F.normalize(latent @ torch.randn(4, 16, generator=g) + 0.05 * torch.randn(600, 16, generator=g), dim=1)
-           for m in MODALITIES}
+    emb = {
+        m: F.normalize(latent @ torch.randn(4, 16, generator=g) + 0.05 * torch.randn(600, 16, generator=g), dim=1)
+        for m in MODALITIES
+    }
     calibrator = Calibrator(list(MODALITIES), 16, 4, seed=0)
     calibrator.fit(emb, torch.ones(600, 3, dtype=torch.bool), 30)
     err = imputation_error(emb, calibrator, MODALITIES)

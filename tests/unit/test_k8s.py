@@ -6,6 +6,7 @@ kubernetes-validate package ships (strict variant: unknown fields fail),
 offline, with jsonschema. The custom resources are checked against the fields
 their operators require (a subset of the Kubeflow training operator's and
 KubeRay's CRD schemas, written below)."""
+
 from __future__ import annotations
 
 import argparse
@@ -49,67 +50,106 @@ def assert_valid(obj: dict, schema_file: str) -> None:
 
 
 # --- Required fields of the custom resources ---------------------------------
-_TEMPLATE = {"type": "object", "required": ["spec"],
-             "properties": {"spec": {"type": "object", "required": ["containers"]}}}
-_REPLICA = {"type": "object", "required": ["replicas", "restartPolicy", "template"],
-            "properties": {"replicas": {"type": "integer", "minimum": 1},
-                           "restartPolicy": {"enum": ["Always", "OnFailure", "Never", "ExitCode"]},
-                           "template": _TEMPLATE}}
-PYTORCHJOB_SCHEMA = {
-    "type": "object", "required": ["apiVersion", "kind", "metadata", "spec"],
+_TEMPLATE = {
+    "type": "object",
+    "required": ["spec"],
+    "properties": {"spec": {"type": "object", "required": ["containers"]}},
+}
+_REPLICA = {
+    "type": "object",
+    "required": ["replicas", "restartPolicy", "template"],
     "properties": {
-        "apiVersion": {"const": "kubeflow.org/v1"}, "kind": {"const": "PyTorchJob"},
-        "metadata": {"type": "object", "required": ["name"],
-                     "properties": {"name": {"type": "string", "pattern": "^[a-z]([-a-z0-9]*[a-z0-9])?$"}}},
+        "replicas": {"type": "integer", "minimum": 1},
+        "restartPolicy": {"enum": ["Always", "OnFailure", "Never", "ExitCode"]},
+        "template": _TEMPLATE,
+    },
+}
+PYTORCHJOB_SCHEMA = {
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "apiVersion": {"const": "kubeflow.org/v1"},
+        "kind": {"const": "PyTorchJob"},
+        "metadata": {
+            "type": "object",
+            "required": ["name"],
+            "properties": {"name": {"type": "string", "pattern": "^[a-z]([-a-z0-9]*[a-z0-9])?$"}},
+        },
         "spec": {
-            "type": "object", "required": ["pytorchReplicaSpecs"],
+            "type": "object",
+            "required": ["pytorchReplicaSpecs"],
             "properties": {
                 "pytorchReplicaSpecs": {
-                    "type": "object", "required": ["Master"], "additionalProperties": False,
-                    "properties": {"Master": {**_REPLICA, "properties": {**_REPLICA["properties"],
-                                                                         "replicas": {"const": 1}}},
-                                   "Worker": _REPLICA}},
+                    "type": "object",
+                    "required": ["Master"],
+                    "additionalProperties": False,
+                    "properties": {
+                        "Master": {**_REPLICA, "properties": {**_REPLICA["properties"], "replicas": {"const": 1}}},
+                        "Worker": _REPLICA,
+                    },
+                },
                 "elasticPolicy": {
-                    "type": "object", "additionalProperties": False,
+                    "type": "object",
+                    "additionalProperties": False,
                     "required": ["rdzvBackend", "minReplicas", "maxReplicas", "nProcPerNode"],
-                    "properties": {"rdzvBackend": {"enum": ["c10d", "etcd", "etcd-v2"]},
-                                   "minReplicas": {"type": "integer", "minimum": 1},
-                                   "maxReplicas": {"type": "integer", "minimum": 1},
-                                   "maxRestarts": {"type": "integer", "minimum": 0},
-                                   "nProcPerNode": {"type": "integer", "minimum": 1},
-                                   "rdzvHost": {"type": "string"}, "rdzvPort": {"type": "integer"},
-                                   "rdzvId": {"type": "string"}}},
+                    "properties": {
+                        "rdzvBackend": {"enum": ["c10d", "etcd", "etcd-v2"]},
+                        "minReplicas": {"type": "integer", "minimum": 1},
+                        "maxReplicas": {"type": "integer", "minimum": 1},
+                        "maxRestarts": {"type": "integer", "minimum": 0},
+                        "nProcPerNode": {"type": "integer", "minimum": 1},
+                        "rdzvHost": {"type": "string"},
+                        "rdzvPort": {"type": "integer"},
+                        "rdzvId": {"type": "string"},
+                    },
+                },
                 "runPolicy": {"type": "object"},
             },
         },
     },
 }
 RAYJOB_SCHEMA = {
-    "type": "object", "required": ["apiVersion", "kind", "metadata", "spec"],
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
     "properties": {
-        "apiVersion": {"const": "ray.io/v1"}, "kind": {"const": "RayJob"},
+        "apiVersion": {"const": "ray.io/v1"},
+        "kind": {"const": "RayJob"},
         "spec": {
-            "type": "object", "required": ["entrypoint", "rayClusterSpec"],
+            "type": "object",
+            "required": ["entrypoint", "rayClusterSpec"],
             "properties": {
                 "entrypoint": {"type": "string", "minLength": 1},
                 "shutdownAfterJobFinishes": {"type": "boolean"},
                 "rayClusterSpec": {
-                    "type": "object", "required": ["headGroupSpec", "workerGroupSpecs"],
+                    "type": "object",
+                    "required": ["headGroupSpec", "workerGroupSpecs"],
                     "properties": {
-                        "headGroupSpec": {"type": "object", "required": ["template"],
-                                          "properties": {"template": _TEMPLATE,
-                                                         "rayStartParams": {"type": "object",
-                                                                            "additionalProperties": {"type": "string"}}}},
-                        "workerGroupSpecs": {"type": "array", "minItems": 1, "items": {
-                            "type": "object", "required": ["groupName", "replicas", "template"],
-                            "properties": {"groupName": {"type": "string", "minLength": 1},
-                                           "replicas": {"type": "integer", "minimum": 0},
-                                           "minReplicas": {"type": "integer", "minimum": 0},
-                                           "maxReplicas": {"type": "integer", "minimum": 0},
-                                           "rayStartParams": {"type": "object",
-                                                              "additionalProperties": {"type": "string"}},
-                                           "template": _TEMPLATE}}},
-                    }},
+                        "headGroupSpec": {
+                            "type": "object",
+                            "required": ["template"],
+                            "properties": {
+                                "template": _TEMPLATE,
+                                "rayStartParams": {"type": "object", "additionalProperties": {"type": "string"}},
+                            },
+                        },
+                        "workerGroupSpecs": {
+                            "type": "array",
+                            "minItems": 1,
+                            "items": {
+                                "type": "object",
+                                "required": ["groupName", "replicas", "template"],
+                                "properties": {
+                                    "groupName": {"type": "string", "minLength": 1},
+                                    "replicas": {"type": "integer", "minimum": 0},
+                                    "minReplicas": {"type": "integer", "minimum": 0},
+                                    "maxReplicas": {"type": "integer", "minimum": 0},
+                                    "rayStartParams": {"type": "object", "additionalProperties": {"type": "string"}},
+                                    "template": _TEMPLATE,
+                                },
+                            },
+                        },
+                    },
+                },
             },
         },
     },
@@ -157,9 +197,25 @@ def check_pod_basics(template: dict, shm: str, metrics_port: int) -> None:
 
 @pytest.mark.parametrize("workers,gpus", [(3, 0), (2, 4)])
 def test_pytorchjob_is_valid(tmp_path, workers, gpus):
-    objs = render(tmp_path, "--name", "ablation-a", "--workers", str(workers), "--gpus-per-worker", str(gpus),
-                  "--cpu", "6", "--memory", "24Gi", "--shm-size", "8Gi", "--metrics-port", "9500",
-                  "--train.lr=3e-4", "--calibration.method=mean_fill")
+    objs = render(
+        tmp_path,
+        "--name",
+        "ablation-a",
+        "--workers",
+        str(workers),
+        "--gpus-per-worker",
+        str(gpus),
+        "--cpu",
+        "6",
+        "--memory",
+        "24Gi",
+        "--shm-size",
+        "8Gi",
+        "--metrics-port",
+        "9500",
+        "--train.lr=3e-4",
+        "--calibration.method=mean_fill",
+    )
     assert set(objs) == {"ConfigMap", "PyTorchJob"}
 
     # ConfigMap: a valid object whose config is the validated one, overrides and metrics applied.
@@ -177,9 +233,13 @@ def test_pytorchjob_is_valid(tmp_path, workers, gpus):
     jsonschema.validate(job, PYTORCHJOB_SCHEMA)
     specs = job["spec"]["pytorchReplicaSpecs"]
     assert specs["Master"]["replicas"] == 1 and specs["Worker"]["replicas"] == workers - 1
-    assert job["spec"]["elasticPolicy"] == {"rdzvBackend": "c10d", "minReplicas": workers,
-                                            "maxReplicas": workers, "maxRestarts": 3,
-                                            "nProcPerNode": max(gpus, 1)}
+    assert job["spec"]["elasticPolicy"] == {
+        "rdzvBackend": "c10d",
+        "minReplicas": workers,
+        "maxReplicas": workers,
+        "maxRestarts": 3,
+        "nProcPerNode": max(gpus, 1),
+    }
     for role in ("Master", "Worker"):
         template = specs[role]["template"]
         assert_valid(template, "podtemplatespec-v1.json")
@@ -189,8 +249,9 @@ def test_pytorchjob_is_valid(tmp_path, workers, gpus):
         assert container["name"] == "pytorch"  # the operator's container
         assert {"name": "pytorchjob-port", "containerPort": 23456, "protocol": "TCP"} in container["ports"]
         # One named metrics port per local rank.
-        assert [p["containerPort"] for p in container["ports"] if p["name"].startswith("metrics")] == \
-            [9500 + i for i in range(max(gpus, 1))]
+        assert [p["containerPort"] for p in container["ports"] if p["name"].startswith("metrics")] == [
+            9500 + i for i in range(max(gpus, 1))
+        ]
         cmd = container["command"]
         assert cmd[0] == "torchrun" and f"--nproc-per-node={max(gpus, 1)}" in cmd
         assert cmd[-6:] == ["--no-python", "calmrl", "train", CONFIG_PATH, "--resume", "auto"]
@@ -211,10 +272,28 @@ def test_single_pod_runs_standalone(tmp_path):
 
 def test_sweep_renders_rayjob(tmp_path):
     sweep = tmp_path / "sweep.yaml"
-    sweep.write_text(yaml.safe_dump({"base_config": "configs/tiny_cpu.yaml", "out_dir": "/mnt/calmrl/sweeps/a",
-                                     "params": {"calibration.method": ["calmrl", "observed_only"]}}))
-    objs = render(tmp_path, "--sweep", str(sweep), "--workers", "2", "--gpus-per-worker", "1", "--pvc", "shared-data",
-                  "--metrics-port", "8080")
+    sweep.write_text(
+        yaml.safe_dump(
+            {
+                "base_config": "configs/tiny_cpu.yaml",
+                "out_dir": "/mnt/calmrl/sweeps/a",
+                "params": {"calibration.method": ["calmrl", "observed_only"]},
+            }
+        )
+    )
+    objs = render(
+        tmp_path,
+        "--sweep",
+        str(sweep),
+        "--workers",
+        "2",
+        "--gpus-per-worker",
+        "1",
+        "--pvc",
+        "shared-data",
+        "--metrics-port",
+        "8080",
+    )
     assert set(objs) == {"ConfigMap", "RayJob"}
     cm = objs["ConfigMap"]
     from kubernetes_validate import validate
@@ -273,15 +352,18 @@ def test_schema_violations_are_detected(tmp_path):
             jsonschema.validate(bad, PYTORCHJOB_SCHEMA)
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["--memory", "16 GB"], "quantity"),
-    (["--cpu", "four"], "quantity"),
-    (["--shm-size=-1Gi"], "quantity"),
-    (["--name", "Ablation_A"], "name"),
-    (["--workers", "0"], "--workers"),
-    (["--train.lr=fast"], "train.lr"),
-    (["--train.nonsense=1"], "unknown key"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--memory", "16 GB"], "quantity"),
+        (["--cpu", "four"], "quantity"),
+        (["--shm-size=-1Gi"], "quantity"),
+        (["--name", "Ablation_A"], "name"),
+        (["--workers", "0"], "--workers"),
+        (["--train.lr=fast"], "train.lr"),
+        (["--train.nonsense=1"], "unknown key"),
+    ],
+)
 def test_bad_options_fail_before_writing(tmp_path, argv, message):
     out = tmp_path / "k8s.yaml"
     with pytest.raises(ConfigError, match=message):

@@ -4,6 +4,7 @@ Every import counts, at the top of a module or inside a function: a lazy
 import is still a dependency, and a cycle of lazy imports is still a cycle.
 The checker is tried on a small tree of its own first, so this test can fail.
 """
+
 from __future__ import annotations
 
 import ast
@@ -39,18 +40,21 @@ def project_imports(path: Path, root: Path) -> set[str]:
 
 def import_graph(root: Path) -> dict[str, set[str]]:
     """Module -> the project modules it imports (names that are not modules are dropped)."""
-    files = {module_name(p, root): p for layer in LAYERS if (root / layer).is_dir()
-             for p in (root / layer).rglob("*.py")}
-    return {name: {m for m in project_imports(path, root) if m in files and m != name}
-            for name, path in files.items()}
+    files = {
+        module_name(p, root): p for layer in LAYERS if (root / layer).is_dir() for p in (root / layer).rglob("*.py")
+    }
+    return {name: {m for m in project_imports(path, root) if m in files and m != name} for name, path in files.items()}
 
 
 def violations(root: Path) -> list[str]:
     graph = import_graph(root)
     rank = {layer: i for i, layer in enumerate(LAYERS)}
-    problems = [f"{a} imports {b}: {b.split('.')[0]} is above {a.split('.')[0]}"
-                for a, targets in sorted(graph.items()) for b in sorted(targets)
-                if rank[b.split(".")[0]] > rank[a.split(".")[0]]]
+    problems = [
+        f"{a} imports {b}: {b.split('.')[0]} is above {a.split('.')[0]}"
+        for a, targets in sorted(graph.items())
+        for b in sorted(targets)
+        if rank[b.split(".")[0]] > rank[a.split(".")[0]]
+    ]
     # Cycles: depth-first search; a back edge closes one.
     state: dict[str, int] = {}
     stack: list[str] = []
@@ -60,7 +64,7 @@ def violations(root: Path) -> list[str]:
         stack.append(node)
         for nxt in sorted(graph[node]):
             if state.get(nxt) == 1:
-                problems.append("import cycle: " + " -> ".join(stack[stack.index(nxt):] + [nxt]))
+                problems.append("import cycle: " + " -> ".join(stack[stack.index(nxt) :] + [nxt]))
             elif nxt not in state:
                 visit(nxt)
         stack.pop()
@@ -86,8 +90,10 @@ def test_the_checker_finds_an_upward_import_and_a_cycle(tmp_path):
     write("pretrain/b.py", "from .a import thing\n")
     write("cluster/cli.py", "import evals.report\nfrom data_pipeline import reader\n")  # downward: fine
     found = violations(tmp_path)
-    assert found == ["data_pipeline.reader imports evals.report: evals is above data_pipeline",
-                     "import cycle: pretrain.a -> pretrain.b -> pretrain.a"]
+    assert found == [
+        "data_pipeline.reader imports evals.report: evals is above data_pipeline",
+        "import cycle: pretrain.a -> pretrain.b -> pretrain.a",
+    ]
 
 
 def test_imports_point_one_way_and_close_no_cycle():

@@ -1,5 +1,6 @@
 """Extra missing modalities: deterministic per key, never empty, the asked-for
 rate, and imposed on training streams only (evaluation sees every entry)."""
+
 from __future__ import annotations
 
 import pytest
@@ -62,8 +63,14 @@ def test_bad_rate_or_mode_is_a_clear_error(tmp_path):
 
 
 def test_training_stream_hides_entries_and_evaluation_does_not(synthetic_dir):
-    cfg = DataConfig(shards=str(synthetic_dir / "train"), batch_size=50, num_workers=0, shuffle_buffer=1,
-                     extra_missing=0.7, extra_missing_seed=5)
+    cfg = DataConfig(
+        shards=str(synthetic_dir / "train"),
+        batch_size=50,
+        num_workers=0,
+        shuffle_buffer=1,
+        extra_missing=0.7,
+        extra_missing_seed=5,
+    )
     natural = {}
     for batch in iterate_split(cfg, synthetic_dir / "train", 100):
         natural.update({k: p for k, p in zip(batch["key"], batch["present"]) if k})

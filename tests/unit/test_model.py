@@ -1,4 +1,5 @@
 """Towers and the model: normalised embeddings, absent rows, the plug-in registry."""
+
 from __future__ import annotations
 
 import pytest
@@ -16,10 +17,13 @@ def batch(b: int = 5, data: DataConfig | None = None) -> dict[str, torch.Tensor]
     data = data or DataConfig()
     frames = 1 + int(data.sample_rate * data.audio_seconds) // data.hop_length
     present = torch.tensor([[1, 1, 1], [1, 0, 0], [0, 1, 1], [1, 1, 0], [0, 0, 1]], dtype=torch.bool)[:b]
-    return {"image": torch.randn(b, 3, data.image_size, data.image_size),
-            "text": torch.randint(1, 50, (b, data.max_text_len)),
-            "text_mask": torch.ones(b, data.max_text_len, dtype=torch.bool),
-            "audio": torch.randn(b, data.n_mels, frames), "present": present}
+    return {
+        "image": torch.randn(b, 3, data.image_size, data.image_size),
+        "text": torch.randint(1, 50, (b, data.max_text_len)),
+        "text_mask": torch.ones(b, data.max_text_len, dtype=torch.bool),
+        "audio": torch.randn(b, data.n_mels, frames),
+        "present": present,
+    }
 
 
 def test_embeddings_are_unit_norm_where_present_and_zero_where_absent():
@@ -63,11 +67,12 @@ def test_registry_plugs_in_a_tower_by_name():
 
             def __init__(self):
                 super().__init__()
-                self.proj = nn.Linear(3 * data.image_size ** 2, cfg.width)
+                self.proj = nn.Linear(3 * data.image_size**2, cfg.width)
                 self.out_dim = cfg.width
 
             def forward(self, inputs):
                 return self.proj(inputs["image"].flatten(1))
+
         return Linear()
 
     try:

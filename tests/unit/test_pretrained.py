@@ -1,5 +1,6 @@
 """Pretrained towers: MiniLM, EfficientNet-Lite0 and local Hugging Face folders,
 all loaded from disk with the network shut off."""
+
 from __future__ import annotations
 
 import os
@@ -20,15 +21,14 @@ from pretrain.config import TowerConfig
 from pretrain.registry import TOWERS
 from pretrain.towers import build_tower
 
-SENTENCES = ["A photo of a cat sitting on a mat.",
-             "Two dogs run across the snowy field, chasing a red ball!",
-             "hello"]
+SENTENCES = ["A photo of a cat sitting on a mat.", "Two dogs run across the snowy field, chasing a red ball!", "hello"]
 MAX_LEN = 32  # long enough that no sentence above is truncated
 
 
 @pytest.fixture(scope="module", autouse=True)
 def no_network():
     """Any attempt to open a connection fails the test that made it."""
+
     def refuse(*args, **kwargs):
         raise AssertionError(f"network access attempted: {args[1:] if len(args) > 1 else args}")
 
@@ -44,8 +44,10 @@ def text_batch(sentences: list[str], max_len: int = MAX_LEN) -> dict[str, torch.
     """What the reader does with data.tokenizer: minilm."""
     tok = load_tokenizer(minilm_tokenizer_json(), max_len)
     encs = [tok.encode(s) for s in sentences]
-    return {"text": torch.tensor([e.ids for e in encs]),
-            "text_mask": torch.tensor([e.attention_mask for e in encs], dtype=torch.bool)}
+    return {
+        "text": torch.tensor([e.ids for e in encs]),
+        "text_mask": torch.tensor([e.attention_mask for e in encs], dtype=torch.bool),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -112,8 +114,9 @@ def test_minilm_rows_do_not_depend_on_padding_or_batch(minilm):
         together = minilm(long)
         alone = minilm(text_batch(SENTENCES[2:], max_len=8))
         # The model's stand-in row for a batch without text: no tokens at all.
-        empty = minilm({"text": torch.zeros(1, MAX_LEN, dtype=torch.long),
-                        "text_mask": torch.zeros(1, MAX_LEN, dtype=torch.bool)})
+        empty = minilm(
+            {"text": torch.zeros(1, MAX_LEN, dtype=torch.long), "text_mask": torch.zeros(1, MAX_LEN, dtype=torch.bool)}
+        )
     assert torch.allclose(together[2], alone[0], atol=1e-4)
     assert torch.isfinite(empty).all()
 
@@ -224,8 +227,14 @@ def tiny_bert_dir(tmp_path_factory):
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=60, hidden_size=24, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=48, max_position_embeddings=64)
+    config = BertConfig(
+        vocab_size=60,
+        hidden_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=48,
+        max_position_embeddings=64,
+    )
     folder = tmp_path_factory.mktemp("tiny_bert")
     BertModel(config).eval().save_pretrained(folder)
     return folder
@@ -249,8 +258,9 @@ def test_hf_text_tower_loads_a_local_folder_offline(tiny_bert_dir):
         hidden = reference(input_ids=ids, attention_mask=mask.long()).last_hidden_state
     expected = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
     assert torch.allclose(ours, expected, atol=1e-5)
-    cls = build_tower("text", TowerConfig(name="hf", options={"path": str(tiny_bert_dir), "pool": "cls"}),
-                      data, vocab_size=60)
+    cls = build_tower(
+        "text", TowerConfig(name="hf", options={"path": str(tiny_bert_dir), "pool": "cls"}), data, vocab_size=60
+    )
     with torch.no_grad():
         assert torch.allclose(cls.eval()({"text": ids, "text_mask": mask}), hidden[:, 0], atol=1e-5)
 
@@ -260,8 +270,12 @@ def test_hf_towers_refuse_what_they_cannot_load_locally(tiny_bert_dir, tmp_path)
 
     data = DataConfig(max_text_len=10)
     with pytest.raises(FileNotFoundError, match="not a model folder"):  # never a hub id
-        build_tower("text", TowerConfig(name="hf", options={"path": "sentence-transformers/all-MiniLM-L6-v2"}),
-                    data, vocab_size=60)
+        build_tower(
+            "text",
+            TowerConfig(name="hf", options={"path": "sentence-transformers/all-MiniLM-L6-v2"}),
+            data,
+            vocab_size=60,
+        )
     with pytest.raises(ValueError, match="options.path"):
         build_tower("text", TowerConfig(name="hf"), data, vocab_size=60)
     with pytest.raises(ValueError, match="unknown option"):
@@ -275,8 +289,9 @@ def test_hf_towers_refuse_what_they_cannot_load_locally(tiny_bert_dir, tmp_path)
     state = load_file(tiny_bert_dir / "model.safetensors")
     dropped = [k for k in state if "layer.1.attention.self.query" in k]
     assert dropped
-    save_file({k: v for k, v in state.items() if k not in dropped}, broken / "model.safetensors",
-              metadata={"format": "pt"})
+    save_file(
+        {k: v for k, v in state.items() if k not in dropped}, broken / "model.safetensors", metadata={"format": "pt"}
+    )
     with pytest.raises(ValueError, match="missing from the checkpoint"):
         build_tower("text", TowerConfig(name="hf", options={"path": str(broken)}), data, vocab_size=60)
     loose = build_tower("text", TowerConfig(name="hf", options={"path": str(broken), "strict": False}), data, 60)
@@ -287,23 +302,30 @@ def test_hf_image_tower_vit_pooler_and_resize(tmp_path):
     from transformers import ViTConfig, ViTModel
 
     torch.manual_seed(0)
-    config = ViTConfig(image_size=32, patch_size=8, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                       intermediate_size=32)
+    config = ViTConfig(
+        image_size=32, patch_size=8, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32
+    )
     ViTModel(config).eval().save_pretrained(tmp_path)
-    tower = build_tower("image", TowerConfig(name="hf", options={"path": str(tmp_path)}),
-                        DataConfig(image_size=32), vocab_size=0)
+    tower = build_tower(
+        "image", TowerConfig(name="hf", options={"path": str(tmp_path)}), DataConfig(image_size=32), vocab_size=0
+    )
     assert tower.pool == "pooler" and tower.out_dim == 16
     images = torch.rand(2, 3, 32, 32) * 2 - 1
     with torch.no_grad():
         ours = tower.eval()({"image": images})
         # Default mean = std = 0.5: the [-1, 1] input goes in unchanged.
-        expected = ViTModel.from_pretrained(str(tmp_path), local_files_only=True).eval()(
-            pixel_values=images).pooler_output
+        expected = (
+            ViTModel.from_pretrained(str(tmp_path), local_files_only=True).eval()(pixel_values=images).pooler_output
+        )
         bigger = tower({"image": torch.rand(2, 3, 64, 64) * 2 - 1})  # resized to the model's 32
     assert torch.allclose(ours, expected, atol=1e-5)
     assert bigger.shape == (2, 16) and torch.isfinite(bigger).all()
-    mean = build_tower("image", TowerConfig(name="hf", options={"path": str(tmp_path), "pool": "mean"}),
-                       DataConfig(image_size=32), vocab_size=0)
+    mean = build_tower(
+        "image",
+        TowerConfig(name="hf", options={"path": str(tmp_path), "pool": "mean"}),
+        DataConfig(image_size=32),
+        vocab_size=0,
+    )
     assert mean.backbone.pooler is None and mean.out_dim == 16
 
 
@@ -313,8 +335,9 @@ def test_hf_image_tower_convolutional_model(tmp_path):
     torch.manual_seed(0)
     config = ResNetConfig(embedding_size=8, hidden_sizes=[8, 12], depths=[1, 1], layer_type="basic")
     ResNetModel(config).eval().save_pretrained(tmp_path)
-    tower = build_tower("image", TowerConfig(name="hf", options={"path": str(tmp_path)}),
-                        DataConfig(image_size=48), vocab_size=0)
+    tower = build_tower(
+        "image", TowerConfig(name="hf", options={"path": str(tmp_path)}), DataConfig(image_size=48), vocab_size=0
+    )
     assert tower.out_dim == 12
     with torch.no_grad():
         feats = tower.eval()({"image": torch.rand(2, 3, 48, 48) * 2 - 1})
@@ -333,9 +356,12 @@ def test_pretrained_towers_in_the_multimodal_model():
     model = MultiModalModel(cfg, data, vocab_size=30522).train()
     text = text_batch(SENTENCES)
     frames = 1 + int(data.sample_rate * data.audio_seconds) // data.hop_length
-    batch = {"image": torch.rand(3, 3, 64, 64) * 2 - 1, **text,
-             "audio": torch.randn(3, data.n_mels, frames),
-             "present": torch.tensor([[1, 0, 1], [0, 0, 1], [1, 0, 0]], dtype=torch.bool)}  # no text at all
+    batch = {
+        "image": torch.rand(3, 3, 64, 64) * 2 - 1,
+        **text,
+        "audio": torch.randn(3, data.n_mels, frames),
+        "present": torch.tensor([[1, 0, 1], [0, 0, 1], [1, 0, 0]], dtype=torch.bool),
+    }  # no text at all
     out = model(batch)
     for m in ("image", "text"):
         assert out["emb"][m].shape == (3, 16) and torch.isfinite(out["emb"][m]).all()

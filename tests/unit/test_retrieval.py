@@ -1,4 +1,5 @@
 """Retrieval metrics against a brute-force reference on random embeddings."""
+
 from __future__ import annotations
 
 import torch
