@@ -63,9 +63,9 @@ def time_phases(calibrator: Calibrator, z, present, device: torch.device) -> dic
 
 
 def run(
-    batch: int, dim: int, latent: int, reps: int, warmup: int, device: str, calibrator_dtype: str
+    batch: int, dim: int, latent: int, reps: int, warmup: int, device_name: str, calibrator_dtype: str
 ) -> dict[str, float]:
-    device = torch.device(device)
+    device = torch.device(device_name)
     generator = torch.Generator().manual_seed(0)
     calibrator = Calibrator(MODALITIES, dim, latent, dtype=getattr(torch, calibrator_dtype)).to(device)
     batches = [make_batch(batch, dim, device, generator) for _ in range(reps)]

@@ -55,7 +55,7 @@ def _bare_samples(split, seek: bool) -> Iterator[tuple[str, dict[str, bytes]]]:
                         yield sample["__key__"], sample
                 continue
             with tarfile.open(url) as tar:
-                members = [(m.name, tar.extractfile(m).read()) for m in tar if m.isfile()]
+                members = [(m.name, fh.read()) for m in tar if m.isfile() and (fh := tar.extractfile(m)) is not None]
             current: dict[str, bytes] = {}
             key = None
             for name, data in members + [("__end__.x", b"")]:

@@ -37,7 +37,7 @@ def worker(rank: int, impl: str, steps: int, port: int) -> None:
         from torch.distributed._functional_collectives import all_gather_tensor_autograd
 
         def gather(x):
-            return all_gather_tensor_autograd(x.contiguous(), 0, dist.group.WORLD)
+            return all_gather_tensor_autograd(x.contiguous(), 0, dist.distributed_c10d._get_default_group())
     else:
         from pretrain.distributed import gather_rows as gather
     from pretrain.distributed import all_reduce_sum, gather_rows_nograd

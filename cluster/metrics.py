@@ -267,7 +267,8 @@ class MetricsExporter:
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
-            self._thread.join(timeout=5)
+            if self._thread is not None:
+                self._thread.join(timeout=5)
             self._server, self._thread = None, None
 
     def __enter__(self) -> MetricsExporter:

@@ -48,7 +48,8 @@ class AudioFormat:
 def decode_image(data: bytes, size: int) -> torch.Tensor:
     """PNG/JPEG bytes -> float [3, size, size] in [-1, 1]."""
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with Image.open(io.BytesIO(data)) as opened:
+            img: Image.Image = opened
             if img.mode in ("RGBA", "LA", "P") or "transparency" in img.info:
                 # Stamps and icons carry alpha: put them on white, not on the
                 # arbitrary colour hidden under transparent pixels.

@@ -148,6 +148,7 @@ class ShardSetWriter:
             self._open()
         record = dict(sample)
         record["json"] = json.dumps(meta, sort_keys=True).encode()
+        assert self._writer is not None  # _open() made it
         self._writer.write(record)
         self._count += 1
         self._patterns[pattern_name(present)] += 1

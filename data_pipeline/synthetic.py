@@ -186,6 +186,7 @@ def build_synthetic(out_dir: str | Path, spec: SyntheticSpec, progress: bool = T
             for i in range(start, start + count):
                 writer.write(make_sample(i, split, spec, rng))
                 bar.update(1)
+        assert writer.index is not None  # close() wrote it
         indexes[split] = writer.index
         start += count
     bar.close()

@@ -55,8 +55,9 @@ def _tar_entries(url: str, stream: Any) -> Iterator[dict[str, Any]]:
         return
     with tarfile.open(fileobj=stream, mode="r:") as tar:
         for member in tar:
-            if member.isreg():
-                yield {"fname": member.name, "data": tar.extractfile(member).read(), "__url__": url}
+            member_file = tar.extractfile(member) if member.isreg() else None
+            if member_file is not None:
+                yield {"fname": member.name, "data": member_file.read(), "__url__": url}
     yield {}  # end of shard, as tar_file_expander marks it
 
 

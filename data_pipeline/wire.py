@@ -27,8 +27,8 @@ def from_wire(batch: dict[str, Any]) -> dict[str, Any]:
     return {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in batch.items()}
 
 
-def keep_as_is(batch: dict[str, Any]) -> dict[str, Any]:
-    """DataLoader `collate_fn`: keep the numpy fields numpy until `from_wire`."""
+def keep_as_is(batch: Any) -> Any:
+    """DataLoader `collate_fn` (batches arrive whole): keep the numpy fields numpy until `from_wire`."""
     return batch
 
 

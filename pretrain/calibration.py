@@ -99,6 +99,15 @@ class Calibrator(torch.nn.Module):
             option; None is the default group).
     """
 
+    # The state (buffers, identical on every rank) and the running statistics.
+    W: Tensor  # [M, d, k]
+    mu: Tensor  # [M, d]
+    sigma2: Tensor  # [M]
+    n_obs: Tensor  # [M]
+    sum_z_bt: Tensor  # [M, d, k+1]
+    sum_St: Tensor  # [M, k+1, k+1]
+    sum_zsq: Tensor  # [M]
+
     def __init__(
         self,
         modalities: list[str],

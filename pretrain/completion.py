@@ -42,6 +42,9 @@ class Completed:
 class MeanFiller(torch.nn.Module):
     """Decayed running mean of each modality's embedding over all ranks."""
 
+    sums: torch.Tensor  # [M, d]
+    counts: torch.Tensor  # [M]
+
     def __init__(self, num_modalities: int, dim: int, decay: float):
         super().__init__()
         self.decay = decay

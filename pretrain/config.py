@@ -169,7 +169,7 @@ def _type_name(tp: Any) -> str:
 def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     """Return `value` as type `tp`, or raise a ConfigError naming key and file."""
     origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{source}: '{key}' must be a mapping, got {type(value).__name__}")
         return _build(tp, value, key, source)
@@ -217,7 +217,7 @@ def _build(cls: type, values: dict[str, Any], prefix: str, source: str) -> Any:
     for key, value in values.items():
         full = f"{prefix}.{key}" if prefix else key
         current = getattr(obj, key)
-        if dataclasses.is_dataclass(current) and isinstance(value, dict):
+        if dataclasses.is_dataclass(current) and not isinstance(current, type) and isinstance(value, dict):
             # Merge into the default so a file can set one field of a nested block.
             merged = {**dataclasses.asdict(current), **value}
             setattr(obj, key, _build(type(current), merged, full, source))

@@ -155,14 +155,13 @@ def _det(g: torch.Tensor) -> torch.Tensor:
     n = g.shape[-1]
     if n > 4:
         return torch.linalg.det(g)
-    total = None
+    total = torch.zeros_like(g[..., 0, 0])
     for perm in permutations(range(n)):
         inversions = sum(perm[i] > perm[j] for i in range(n) for j in range(i + 1, n))
         term = g[..., 0, perm[0]]
         for r in range(1, n):
             term = term * g[..., r, perm[r]]
-        term = -term if inversions % 2 else term
-        total = term if total is None else total + term
+        total = total - term if inversions % 2 else total + term
     return total
 
 

@@ -19,8 +19,9 @@ class MultiModalModel(nn.Module):
     def __init__(self, cfg: ModelConfig, data: DataConfig, vocab_size: int):
         super().__init__()
         self.modalities = MODALITIES
-        self.towers = nn.ModuleDict({m: build_tower(m, getattr(cfg, m), data, vocab_size) for m in self.modalities})
-        self.heads = nn.ModuleDict({m: nn.Linear(self.towers[m].out_dim, cfg.embed_dim) for m in self.modalities})
+        towers = {m: build_tower(m, getattr(cfg, m), data, vocab_size) for m in self.modalities}
+        self.towers = nn.ModuleDict(towers)
+        self.heads = nn.ModuleDict({m: nn.Linear(towers[m].out_dim, cfg.embed_dim) for m in self.modalities})
         # Shape (1,), not a 0-dim scalar: deepspeed 0.19.8 cannot flatten 0-dim parameters.
         self.log_logit_scale = nn.Parameter(torch.tensor([math.log(cfg.logit_scale_init)]))
         self.max_log_logit_scale = math.log(cfg.logit_scale_max)

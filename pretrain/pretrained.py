@@ -104,7 +104,7 @@ def _local_model_dir(path: Any, tower: str) -> Path:
     return folder
 
 
-def _load_hf(folder: Path, model_class: Any = None, **kwargs: Any) -> tuple[nn.Module, dict[str, Any]]:
+def _load_hf(folder: Path, model_class: Any = None, **kwargs: Any) -> tuple[Any, dict[str, Any]]:
     """`from_pretrained` of a local folder, offline, in float32, with its loading info."""
     if model_class is None:
         from transformers import AutoModel as model_class
@@ -162,6 +162,9 @@ def _first_output(out: Any) -> torch.Tensor:
 class _PretrainedTower(Tower):
     """A tower around a loaded `backbone`; a frozen one stays in eval mode."""
 
+    backbone: Any  # a transformers or EfficientNet model: attribute access is theirs
+    load_info: dict[str, Any]  # what loading the weights reported (missing / unexpected keys)
+
     def __init__(self, backbone: nn.Module, frozen: bool):
         super().__init__()
         self.backbone = backbone
@@ -212,7 +215,7 @@ class HFTextTower(_PretrainedTower):
         return _masked_mean(hidden, mask)
 
 
-def _drop_unused_pooler(model: nn.Module) -> None:
+def _drop_unused_pooler(model: Any) -> None:
     """BERT-like models compute `pooler(...)` only when it is not None; an unused
     pooler would be parameters without gradients (the optimizer, DDP and ZeRO
     all prefer none)."""
@@ -303,7 +306,7 @@ class EfficientNetLiteTower(_PretrainedTower):
 
     modality = "image"
 
-    def __init__(self, net: nn.Module, frozen: bool, train_bn: bool):
+    def __init__(self, net: Any, frozen: bool, train_bn: bool):
         super().__init__(net, frozen)
         self.train_bn = train_bn
         self.out_dim = net._bn1.num_features  # 1280
@@ -351,6 +354,8 @@ class HFImageTower(_PretrainedTower):
     resized when it needs a fixed size, then pooled to [N, D]."""
 
     modality = "image"
+    scale: torch.Tensor
+    shift: torch.Tensor
 
     def __init__(
         self, backbone: nn.Module, frozen: bool, pool: str, image_size: int, mean: list[float], std: list[float]

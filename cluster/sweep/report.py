@@ -108,7 +108,7 @@ def plot(rows: list[dict[str, Any]], sweep: SweepConfig, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     labels = [", ".join(f"{k.split('.')[-1]}={_fmt(r.get(k))}" for k in sweep.params) or r["trial"] for r in rows]
-    values = [r.get(sweep.metric) if isinstance(r.get(sweep.metric), (int, float)) else float("nan") for r in rows]
+    values = [float(r[sweep.metric]) if isinstance(r.get(sweep.metric), (int, float)) else math.nan for r in rows]
     best = best_row(rows, sweep.metric, sweep.mode)
     colours = ["tab:orange" if best is not None and r is best else "tab:blue" for r in rows]
     fig, ax = plt.subplots(figsize=(max(4.0, 1.2 * len(rows) + 2), 4.0))

@@ -103,7 +103,7 @@ def run_trial(params: dict[str, Any], plan: dict[str, Any]) -> None:
         run_config=ray.train.RunConfig(
             name=f"train-{trial_id}",
             storage_path=plan["train_storage"],
-            callbacks=[TuneReportCallback()],  # forwards every worker report to this trial
+            callbacks=[TuneReportCallback()],  # type: ignore[list-item]  # Ray's types lag its API: it forwards every worker report to this trial
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
             failure_config=ray.train.FailureConfig(max_failures=0),
         ),

@@ -82,7 +82,7 @@ def parse_split_fractions(text: str) -> tuple[float, float, float]:
             f"--split-fractions '{text}': expected three non-negative fractions "
             "(train,val,test) summing to 1, like 0.8,0.1,0.1"
         )
-    return values  # type: ignore[return-value]
+    return values[0], values[1], values[2]
 
 
 def parse_missing(text: str) -> tuple[float, float, float]:
@@ -93,4 +93,4 @@ def parse_missing(text: str) -> tuple[float, float, float]:
         raise SourceError(f"--missing '{text}': expected three numbers like 0.2,0.1,0.3") from None
     if len(values) != 3 or any(not 0.0 <= v < 1.0 for v in values):
         raise SourceError(f"--missing '{text}': expected three rates in [0, 1) for image,text,audio, like 0,0,0")
-    return values  # type: ignore[return-value]
+    return values[0], values[1], values[2]

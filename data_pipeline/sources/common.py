@@ -249,6 +249,12 @@ class SplitStats:
         return out
 
 
+def _written_index(writer: ShardSetWriter) -> dict[str, Any]:
+    if writer.index is None:
+        raise RuntimeError(f"{writer.out_dir}: the shard writer was not closed; its index is not written")
+    return writer.index
+
+
 @dataclass
 class Record:
     key: str  # unique, sanitized
@@ -333,7 +339,7 @@ def write_records(
         for split, writer in writers.items():
             writer.extra_index.update(stats[split].to_index())
             writer.extra_index["build"] = build
-    indexes = {split: writers[split].index for split in SPLITS}
+    indexes = {split: _written_index(writers[split]) for split in SPLITS}
     write_tokenizer(out, train_captions, opts.vocab_size)
     return WriteResult(indexes, skipped, written, totals)
 

@@ -21,6 +21,7 @@ counted. The split is by the hash of the record's path (--split-fractions).
 from __future__ import annotations
 
 from collections import Counter
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -128,9 +129,7 @@ def build_folder(opts: BuildOptions) -> BuildReport:
         name = stem.split("/", 1)[0] if "/" in stem else None
         label = class_id[name] if name is not None else -1
         key = make_key(stem)
-        records.append(
-            Record(key, stem, lambda f=files, k=key, s=stem, lab=label, n=name: _load(f, root, k, s, lab, n, counters))
-        )
+        records.append(Record(key, stem, partial(_load, files, root, key, stem, label, name, counters)))
     extra = {"num_classes": len(classes), "classes": classes, "input": str(root)}
     result = write_records(opts, "folder", records, extra, build)
     summary = (

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -175,12 +176,13 @@ def build_jsonl(opts: BuildOptions) -> BuildReport:
         raise SourceError(
             f"{_where(manifest, first_int)}: 'label' mixes class names and integers in one manifest; use one kind"
         )
+    classes: list[str] | None = None
+    class_id: dict[str, int] = {}
     if labels and isinstance(labels[0], str):
-        classes: list[str] | None = sorted(set(labels))
-        class_id = {name: i for i, name in enumerate(classes)}
-        num_classes = len(classes)
+        names = sorted(set(labels))
+        classes, class_id = names, {name: i for i, name in enumerate(names)}
+        num_classes = len(names)
     else:
-        classes, class_id = None, {}
         num_classes = max(labels) + 1 if labels else 0
     make_key = KeyMaker()
     seen: Counter[str] = Counter()
@@ -193,11 +195,7 @@ def build_jsonl(opts: BuildOptions) -> BuildReport:
         key = make_key(name if seen[group] == 1 else f"{name}-{seen[group] - 1}")
         label = obj.get("label")
         label_id = class_id[label] if isinstance(label, str) else (label if label is not None else -1)
-        records.append(
-            Record(
-                key, group, lambda o=obj, k=key, lab=label_id, n=number: _load(o, base, k, lab, manifest, n, counters)
-            )
-        )
+        records.append(Record(key, group, partial(_load, obj, base, key, label_id, manifest, number, counters)))
     extra: dict[str, Any] = {"num_classes": num_classes, "manifest": str(manifest)}
     if classes is not None:
         extra["classes"] = classes

@@ -39,6 +39,7 @@ from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -477,11 +478,7 @@ def build_tuxpaint(opts: BuildOptions) -> BuildReport:
     for stamp in stamps:
         key = make_key(stamp.rel)
         label = class_id[stamp.category]
-        records.append(
-            Record(
-                key, _split_group(stamp), lambda s=stamp, k=key, lab=label: _load_stamp(s, k, lab, stamps_dir, build)
-            )
-        )
+        records.append(Record(key, _split_group(stamp), partial(_load_stamp, stamp, key, label, stamps_dir, build)))
     extra = {
         "num_classes": len(classes),
         "classes": classes,

@@ -141,7 +141,7 @@ def check_settings(preset: Preset, out: Path) -> None:
 
     Seeds, rates and methods may grow (more runs); the data sets' configs and
     roots and the overrides must be the same as when `out` was started."""
-    settings = {
+    settings: dict[str, Any] = {
         "overrides": list(preset.overrides),
         "datasets": {
             d.name: {

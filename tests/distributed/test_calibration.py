@@ -478,7 +478,9 @@ def test_accumulate_and_impute_equals_the_two_calls():
         assert torch.allclose(getattr(a, name), getattr(b, name), atol=1e-10), name
     for m in mods:
         assert torch.allclose(out_a[m], out_b[m], atol=1e-10)
-    sum(o.sum() for o in out_a.values()).backward()
-    sum(o.sum() for o in out_b.values()).backward()
+    torch.stack([o.sum() for o in out_a.values()]).sum().backward()
+    torch.stack([o.sum() for o in out_b.values()]).sum().backward()
     for m in mods:
-        assert torch.allclose(za[m].grad, zb[m].grad, atol=1e-10)
+        grad_a, grad_b = za[m].grad, zb[m].grad
+        assert grad_a is not None and grad_b is not None
+        assert torch.allclose(grad_a, grad_b, atol=1e-10)

@@ -33,7 +33,7 @@ def naive_loss(emb, present, scale):
             rows = (present[:, i] & present[:, j]).nonzero().flatten().tolist()
             if not rows:
                 continue
-            total = 0.0
+            total = torch.zeros(())
             for qi, ki in ((i, j), (j, i)):
                 q, k = emb[MODALITIES[qi]], emb[MODALITIES[ki]]
                 cols = present[:, ki].nonzero().flatten().tolist()
@@ -102,6 +102,7 @@ def test_gathered_loss_equals_single_process(tmp_path):
     # each rank's rows get the full gradient of the global loss, scaled by world.
     for m in MODALITIES:
         stacked = torch.cat([r["grads"][m] for r in results]) / WORLD
-        assert torch.allclose(stacked, emb[m].grad, atol=1e-5), m
+        grad = emb[m].grad
+        assert grad is not None and torch.allclose(stacked, grad, atol=1e-5), m
     mean_scale_grad = sum(r["scale_grad"] for r in results) / WORLD
-    assert torch.allclose(mean_scale_grad, scale.grad, atol=1e-5)
+    assert scale.grad is not None and torch.allclose(mean_scale_grad, scale.grad, atol=1e-5)

@@ -197,6 +197,7 @@ def test_dashboard_is_valid_and_names_only_exported_metrics():
         assert panel["datasource"]["uid"] == "${DS_PROMETHEUS}", panel["title"]
     with MetricsExporter(LOOPBACK, 0, 0) as exporter:
         exporter.observe_step(FULL_RECORD)
+        assert exporter.port is not None
         exported = {name for name, _ in scrape(exporter.port)}
     queries = dashboard_queries()
     assert len(queries) >= 12

@@ -8,6 +8,7 @@ import json
 import logging
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -39,11 +40,11 @@ def bad_split(synthetic_dir, tmp_path_factory) -> Path:
             writer.write(_good(i, rng))
     index = read_index(split)
     # shard 5: hand-written with bad samples (ShardSetWriter refuses some of them)
-    good = [_good(1000 + i, rng) for i in range(5)]
+    good: list[dict[str, Any]] = [_good(1000 + i, rng) for i in range(5)]
     image_only = next(s for s in (_good(2000 + i, rng) for i in range(50)) if "png" in s)
     text_only = next(s for s in (_good(3000 + i, rng) for i in range(50)) if "txt" in s)
     audio_only = next(s for s in (_good(4000 + i, rng) for i in range(50)) if "flac" in s)
-    bad = [
+    bad: list[dict[str, Any]] = [
         {"__key__": "badimage", "png": b"not a png at all", "json": {"modalities": ["image"]}},
         {"__key__": "badaudio", "flac": b"fLaC garbage", "json": {"modalities": ["audio"]}},
         {"__key__": "emptycaption", "txt": b"   \n", "json": {"modalities": ["text"]}},

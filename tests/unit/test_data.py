@@ -36,7 +36,7 @@ def test_index_counts_match_shards(synthetic_dir):
     assert index["num_samples"] == sum(s["count"] for s in index["shards"]) == 800
     assert sum(index["pattern_counts"].values()) == 800
     assert len(index["pattern_counts"]) >= 5  # the missing rates produce many patterns
-    seen = Counter()
+    seen: Counter[str] = Counter()
     for shard in index["shards"]:
         for sample in wds.WebDataset(str(synthetic_dir / "train" / shard["name"]), shardshuffle=False):
             meta = json.loads(sample["json"])

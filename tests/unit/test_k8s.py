@@ -13,6 +13,7 @@ import argparse
 import json
 from importlib.resources import files
 from pathlib import Path
+from typing import Any
 
 import jsonschema
 import pytest
@@ -55,7 +56,7 @@ _TEMPLATE = {
     "required": ["spec"],
     "properties": {"spec": {"type": "object", "required": ["containers"]}},
 }
-_REPLICA = {
+_REPLICA: dict[str, Any] = {
     "type": "object",
     "required": ["replicas", "restartPolicy", "template"],
     "properties": {

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import socket
+from typing import Any
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # before huggingface_hub / transformers are imported
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
@@ -244,7 +245,7 @@ def test_hf_text_tower_loads_a_local_folder_offline(tiny_bert_dir):
     from transformers import BertModel
 
     data = DataConfig(max_text_len=10)
-    tower = build_tower("text", TowerConfig(name="hf", options={"path": str(tiny_bert_dir)}), data, vocab_size=60)
+    tower: Any = build_tower("text", TowerConfig(name="hf", options={"path": str(tiny_bert_dir)}), data, vocab_size=60)
     assert tower.out_dim == 24 and tower.load_info["missing_keys"] == []
     torch.manual_seed(1)
     ids = torch.randint(1, 60, (3, 10))
@@ -294,7 +295,7 @@ def test_hf_towers_refuse_what_they_cannot_load_locally(tiny_bert_dir, tmp_path)
     )
     with pytest.raises(ValueError, match="missing from the checkpoint"):
         build_tower("text", TowerConfig(name="hf", options={"path": str(broken)}), data, vocab_size=60)
-    loose = build_tower("text", TowerConfig(name="hf", options={"path": str(broken), "strict": False}), data, 60)
+    loose: Any = build_tower("text", TowerConfig(name="hf", options={"path": str(broken), "strict": False}), data, 60)
     assert set(loose.load_info["missing_keys"]) >= {k.removeprefix("bert.") for k in dropped}
 
 
@@ -320,7 +321,7 @@ def test_hf_image_tower_vit_pooler_and_resize(tmp_path):
         bigger = tower({"image": torch.rand(2, 3, 64, 64) * 2 - 1})  # resized to the model's 32
     assert torch.allclose(ours, expected, atol=1e-5)
     assert bigger.shape == (2, 16) and torch.isfinite(bigger).all()
-    mean = build_tower(
+    mean: Any = build_tower(
         "image",
         TowerConfig(name="hf", options={"path": str(tmp_path), "pool": "mean"}),
         DataConfig(image_size=32),
@@ -367,5 +368,6 @@ def test_pretrained_towers_in_the_multimodal_model():
         assert out["emb"][m].shape == (3, 16) and torch.isfinite(out["emb"][m]).all()
     assert (out["emb"]["text"] == 0).all()
     sum(e.sum() for e in out["emb"].values()).backward()
-    assert model.towers["image"].backbone._conv_stem.weight.grad is not None
+    image_tower: Any = model.towers["image"]
+    assert image_tower.backbone._conv_stem.weight.grad is not None
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
