@@ -28,14 +28,7 @@ import numpy as np
 import torch
 
 from data_pipeline.contract import DataConfig
-from data_pipeline.decode import (
-    AudioFormat,
-    decode_audio,
-    decode_image,
-    decode_text,
-    decode_waveform,
-    log_mel_batch,
-)
+from data_pipeline.decode import AudioFormat, decode_audio, decode_image, decode_text, decode_waveform, log_mel_batch
 from data_pipeline.reader import BatchLoader
 from data_pipeline.samples import SampleDecoder
 from data_pipeline.split import open_split

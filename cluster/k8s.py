@@ -281,7 +281,7 @@ def pytorch_pod_template(opts: K8sOptions, role: str) -> dict[str, Any]:
 
 def pytorch_job(opts: K8sOptions) -> dict[str, Any]:
     replica_specs: dict[str, Any] = {
-        "Master": {"replicas": 1, "restartPolicy": "OnFailure", "template": pytorch_pod_template(opts, "Master")},
+        "Master": {"replicas": 1, "restartPolicy": "OnFailure", "template": pytorch_pod_template(opts, "Master")}
     }
     spec: dict[str, Any] = {"runPolicy": {"cleanPodPolicy": "Running", "backoffLimit": opts.max_restarts}}
     if opts.workers > 1:

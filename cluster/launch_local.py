@@ -11,19 +11,9 @@ from pretrain.runtime import free_port, threads_per_process
 
 def torchrun_command(nproc: int, train_args: list[str], port: int | None = None) -> list[str]:
     """torchrun on loopback (static rendezvous on 127.0.0.1) running `calmrl train ARGS`."""
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nnodes=1",
-        f"--nproc-per-node={nproc}",
-        "--master-addr=127.0.0.1",
-        f"--master-port={port or free_port()}",
-        "-m",
-        "cluster.cli",
-        "train",
-        *train_args,
-    ]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc-per-node={nproc}"]
+    rendezvous = ["--master-addr=127.0.0.1", f"--master-port={port or free_port()}"]
+    return [*torchrun, *rendezvous, "-m", "cluster.cli", "train", *train_args]
 
 
 def launch_local(nproc: int, train_args: list[str]) -> int:

@@ -21,11 +21,7 @@ from pretrain.distributed import all_reduce_sum, gather_rows, gather_rows_nograd
 
 
 def _directional_ce(
-    queries: torch.Tensor,
-    keys: torch.Tensor,
-    key_available: torch.Tensor,
-    offset: int,
-    scale: torch.Tensor,
+    queries: torch.Tensor, keys: torch.Tensor, key_available: torch.Tensor, offset: int, scale: torch.Tensor
 ) -> torch.Tensor:
     """Per-row cross-entropy [B] of queries[i] against all keys, target i+offset.
 
@@ -291,12 +287,7 @@ class _SymmetricEig(torch.autograd.Function):
 
 
 def _leading_directions(
-    x: torch.Tensor,
-    available: torch.Tensor,
-    tau1: float,
-    gap_eps: float,
-    eig_floor: float,
-    sign_tol: float,
+    x: torch.Tensor, available: torch.Tensor, tau1: float, gap_eps: float, eig_floor: float, sign_tol: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row: the leading left singular vector u [B, D] of Z_i (its available
     columns; zeros for a row with none) and the singular-value cross-entropy

@@ -38,26 +38,13 @@ class RunDir:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        self.config_path = self.path / self.CONFIG
+        self.log_path = self.path / self.LOG
+        self.checkpoints = self.path / self.CHECKPOINTS
+        self.eval_dir = self.path / self.EVAL
 
     def __repr__(self) -> str:
         return f"RunDir({str(self.path)!r})"
-
-    # -- paths ---------------------------------------------------------------
-    @property
-    def config_path(self) -> Path:
-        return self.path / self.CONFIG
-
-    @property
-    def log_path(self) -> Path:
-        return self.path / self.LOG
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.path / self.CHECKPOINTS
-
-    @property
-    def eval_dir(self) -> Path:
-        return self.path / self.EVAL
 
     def checkpointer(self, keep: int = 2) -> Checkpointer:
         return Checkpointer(self.checkpoints, keep)

@@ -50,12 +50,8 @@ class Trainer:
         sinks: Iterable[StepSink] = (),
     ):
         """`batches` replaces the shard loader (benchmarks feed in-memory batches)."""
-        self.cfg = cfg
-        self.run_dir = run_dir
-        self.engine = engine
-        self.objective = objective
-        self.completion = completion
-        self.device = device
+        self.cfg, self.run_dir, self.device = cfg, run_dir, device
+        self.engine, self.objective, self.completion = engine, objective, completion
         self.rank, self.world = rank(), world_size()
         self.checkpointer = run_dir.checkpointer(cfg.train.keep_checkpoints)
         self.sinks: list[StepSink] = ([JsonlLog(run_dir.log_path)] if self.rank == 0 else []) + list(sinks)

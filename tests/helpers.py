@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import signal
@@ -73,6 +74,17 @@ def tiny_config(shards: str | Path, out_dir: str | Path, **sections: dict[str, A
     for name, values in sections.items():
         tree[name] = {**tree.get(name, {}), **values}
     return config_from_dict(tree, "<test>")
+
+
+def assert_matches_reference(out: dict[str, Any], ref: Any, inputs: list[Any], grad_atol: float) -> None:
+    """An objective's output (`loss`, `loss_value`) equals a naive reference loss, and so do
+    their gradients with respect to `inputs`."""
+    import torch
+
+    assert math.isclose(float(out["loss"].detach()), float(ref.detach()), abs_tol=1e-5)
+    assert math.isclose(float(out["loss_value"]), float(ref.detach()), abs_tol=1e-5)
+    for a, b in zip(torch.autograd.grad(out["loss"], inputs), torch.autograd.grad(ref, inputs)):
+        assert torch.allclose(a, b, atol=grad_atol)
 
 
 def _child(fn: Callable, rank: int, world: int, port: int, out_dir: str, args: tuple) -> None:

@@ -37,13 +37,7 @@ from tqdm import tqdm
 from data_pipeline.atomic import atomic_write
 from data_pipeline.contract import pattern_name
 from data_pipeline.shards import ShardSetWriter
-from data_pipeline.sources import (
-    DEFAULT_SPLIT_FRACTIONS,
-    SPLITS,
-    BuildOptions,
-    BuildReport,
-    SourceError,
-)
+from data_pipeline.sources import DEFAULT_SPLIT_FRACTIONS, SPLITS, BuildOptions, BuildReport, SourceError
 from data_pipeline.tokenizer import train_tokenizer
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")

@@ -412,11 +412,7 @@ def _two_steps(calibrator: Calibrator, batches) -> None:
 def _rank_worker(rank: int, world_size: int, port: int, data_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world_size,
-        timeout=timedelta(seconds=60),
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size, timeout=timedelta(seconds=60)
     )
     try:
         data = torch.load(data_file)

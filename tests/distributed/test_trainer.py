@@ -40,18 +40,32 @@ def _train(
     return [h.loss for h in history]
 
 
-@pytest.mark.timeout(400)
-@pytest.mark.parametrize("stage", [1, 2, 3])
-def test_zero_stage_trains_with_falling_loss(synthetic_dir, tmp_path, stage):
-    losses = run_distributed(
+def train_two_ranks(
+    synthetic_dir,
+    tmp_path,
+    train: dict,
+    drop_audio_on_rank: int = -1,
+    sections: dict | None = None,
+    timeout: float = 240,
+) -> list[list[float]]:
+    """Each rank's loss curve of a 2-rank run on the synthetic train split (into tmp_path/run)."""
+    return run_distributed(
         _train,
         2,
         tmp_path / "ipc",
         str(synthetic_dir / "train"),
         str(tmp_path / "run"),
-        {"zero_stage": stage, "steps": 30},
-        timeout=360,
+        train,
+        drop_audio_on_rank,
+        sections,
+        timeout=timeout,
     )
+
+
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_zero_stage_trains_with_falling_loss(synthetic_dir, tmp_path, stage):
+    losses = train_two_ranks(synthetic_dir, tmp_path, {"zero_stage": stage, "steps": 30}, timeout=360)
     assert losses[0] == pytest.approx(losses[1])  # both ranks log the global loss
     curve = losses[0]
     assert len(curve) == 30
@@ -64,16 +78,7 @@ def test_zero_stage_trains_with_falling_loss(synthetic_dir, tmp_path, stage):
 
 @pytest.mark.timeout(300)
 def test_zero3_rank_without_audio_completes(synthetic_dir, tmp_path):
-    losses = run_distributed(
-        _train,
-        2,
-        tmp_path / "ipc",
-        str(synthetic_dir / "train"),
-        str(tmp_path / "run"),
-        {"zero_stage": 3, "steps": 6},
-        1,
-        timeout=240,
-    )
+    losses = train_two_ranks(synthetic_dir, tmp_path, {"zero_stage": 3, "steps": 6}, drop_audio_on_rank=1)
     assert len(losses[0]) == len(losses[1]) == 6  # steps 4-6 impute the audio rank 1 lacks
     assert all(torch.isfinite(torch.tensor(losses[0])))
 
@@ -85,17 +90,7 @@ def test_zero3_rank_without_audio_completes(synthetic_dir, tmp_path):
 )
 def test_objectives_and_baselines_train(synthetic_dir, tmp_path, objective, method):
     sections = {"loss": {"objective": objective}, "calibration": {"method": method, "warmup_steps": 2}}
-    losses = run_distributed(
-        _train,
-        2,
-        tmp_path / "ipc",
-        str(synthetic_dir / "train"),
-        str(tmp_path / "run"),
-        {"zero_stage": 3, "steps": 6},
-        -1,
-        sections,
-        timeout=240,
-    )
+    losses = train_two_ranks(synthetic_dir, tmp_path, {"zero_stage": 3, "steps": 6}, sections=sections)
     assert losses[0] == pytest.approx(losses[1]) and len(losses[0]) == 6
     assert all(torch.isfinite(torch.tensor(losses[0])))
     log = (tmp_path / "run" / "log.jsonl").read_text().splitlines()

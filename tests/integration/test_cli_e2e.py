@@ -20,6 +20,7 @@ def test_build_train_eval(tmp_path):
     assert built.returncode == 0, built.stderr
     assert "train 480 samples in 8 shards" in built.stdout
 
+    small = "--train.steps=8 --train.ckpt_every=4 --train.log_every=1 --data.batch_size=16 --model.text.depth=1"
     trained = run(
         "train",
         "configs/tiny_cpu.yaml",
@@ -27,11 +28,7 @@ def test_build_train_eval(tmp_path):
         "2",
         f"--data.shards={data / 'train'}",
         f"--train.out_dir={runs}",
-        "--train.steps=8",
-        "--train.ckpt_every=4",
-        "--train.log_every=1",
-        "--data.batch_size=16",
-        "--model.text.depth=1",
+        *small.split(),
     )
     assert trained.returncode == 0, trained.stderr[-3000:]
     assert "trained to step 8/8" in trained.stdout

@@ -86,16 +86,18 @@ def test_cli_builds_shards_straight_to_s3(s3_env, tmp_path):
     if not fs.exists("calmrl-cli"):
         fs.mkdir("calmrl-cli")
     result = run_cli(
-        "data",
-        "build",
-        "--source",
-        "synthetic",
-        "--out",
-        "s3://calmrl-cli/syn",
-        "--num-samples",
-        "200",
-        "--shard-size",
-        "50",
+        *[
+            "data",
+            "build",
+            "--source",
+            "synthetic",
+            "--out",
+            "s3://calmrl-cli/syn",
+            "--num-samples",
+            "200",
+            "--shard-size",
+            "50",
+        ],
         timeout=180,
     )
     assert result.returncode == 0, result.stderr[-2000:]

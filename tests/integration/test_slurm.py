@@ -53,21 +53,11 @@ def sbatch_lines(script: str) -> list[str]:
 def test_dry_run_renders_cpu_script(tmp_path, capsys, fake_sbatch, monkeypatch):
     monkeypatch.chdir(REPO)
     out_dir = tmp_path / "run"
+    flags = "--nodes 2 --gpus-per-node 0 --nproc-per-node 2 --partition debug --time 00:30:00 --job-name tiny"
     rc = launch(
         [
             str(TINY.relative_to(REPO)),
-            "--nodes",
-            "2",
-            "--gpus-per-node",
-            "0",
-            "--nproc-per-node",
-            "2",
-            "--partition",
-            "debug",
-            "--time",
-            "00:30:00",
-            "--job-name",
-            "tiny",
+            *flags.split(),
             "--dry-run",
             f"--train.out_dir={out_dir}",
             "--data.batch_size=16",
@@ -138,23 +128,8 @@ def test_dry_run_renders_cpu_script(tmp_path, capsys, fake_sbatch, monkeypatch):
 
 def test_gpu_script_and_option_checks(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    rc = launch(
-        [
-            str(TINY),
-            "--nodes",
-            "4",
-            "--gpus-per-node",
-            "8",
-            "--cpus-per-task",
-            "32",
-            "--dry-run",
-            "--train.out_dir=run",
-            "--master-port",
-            "29400",
-            "--resume",
-            "latest",
-        ]
-    )
+    flags = "--nodes 4 --gpus-per-node 8 --cpus-per-task 32 --dry-run --train.out_dir=run --master-port 29400"
+    rc = launch([str(TINY), *flags.split(), "--resume", "latest"])
     script = capsys.readouterr().out
     assert rc == 0
     assert "--gpus-per-node=8" in sbatch_lines(script) and "--cpus-per-task=32" in sbatch_lines(script)
@@ -229,11 +204,7 @@ def test_cli_has_launch_slurm(tmp_path, capsys):
             "launch",
             "slurm",
             str(TINY),
-            "--nodes",
-            "1",
-            "--gpus-per-node",
-            "0",
-            "--dry-run",
+            *["--nodes", "1", "--gpus-per-node", "0", "--dry-run"],
             f"--train.out_dir={tmp_path / 'run'}",
         ]
     )
@@ -252,37 +223,22 @@ def test_slurm_job_trains_two_cpu_processes(tmp_path, slurm_cluster):  # noqa: F
     assert env.get("TORCH_EXTENSIONS_DIR"), "conftest sets TORCH_EXTENSIONS_DIR"
     data, out_dir = tmp_path / "data", tmp_path / "run"
     built = run_cli(
-        "data",
-        "build",
-        "--source",
-        "synthetic",
+        *["data", "build", "--source", "synthetic", "--num-samples", "400", "--shard-size", "50"],
         "--out",
         str(data),
-        "--num-samples",
-        "400",
-        "--shard-size",
-        "50",
         env={**env, "OMP_NUM_THREADS": "1"},
     )
     assert built.returncode == 0, built.stderr[-3000:]
 
+    overrides = "--train.steps=6 --train.log_every=1 --data.batch_size=16 --data.num_workers=0 --model.text.depth=1"
     launched = run_cli(
         "launch",
         "slurm",
         str(TINY),
-        "--nodes",
-        "1",
-        "--gpus-per-node",
-        "0",
-        "--nproc-per-node",
-        "2",
+        *["--nodes", "1", "--gpus-per-node", "0", "--nproc-per-node", "2"],
         f"--data.shards={data / 'train'}",
         f"--train.out_dir={out_dir}",
-        "--train.steps=6",
-        "--train.log_every=1",
-        "--data.batch_size=16",
-        "--data.num_workers=0",
-        "--model.text.depth=1",
+        *overrides.split(),
         env=env,
         timeout=60,
     )

@@ -315,11 +315,7 @@ def test_folder_builds_and_reads_back(user_folder, tmp_path, capsys):
             str(user_folder),
             "--out",
             str(out),
-            "--split-fractions",
-            "1,0,0",
-            "--skip-bad",
-            "--shard-size",
-            "3",
+            *["--split-fractions", "1,0,0", "--skip-bad", "--shard-size", "3"],
         ]
     )
     summary = capsys.readouterr().out
@@ -439,21 +435,11 @@ def test_jsonl_split_is_deterministic_disjoint_and_keeps_groups(tmp_path):
         parse_split_fractions("0.5,0.5,0.5")
 
 
+SMALL_SYNTHETIC = ["--num-samples", "60", "--shard-size", "30"]
+
+
 def test_synthetic_still_builds_through_the_registry(tmp_path, capsys):
-    code = cli_main(
-        [
-            "data",
-            "build",
-            "--source",
-            "synthetic",
-            "--out",
-            str(tmp_path / "syn"),
-            "--num-samples",
-            "60",
-            "--shard-size",
-            "30",
-        ]
-    )
+    code = cli_main(["data", "build", "--source", "synthetic", "--out", str(tmp_path / "syn"), *SMALL_SYNTHETIC])
     assert code == 0
     assert "train 48 samples in 2 shards" in capsys.readouterr().out
     assert read_index(tmp_path / "syn" / "train")["source"] == "synthetic"
@@ -468,10 +454,7 @@ def test_synthetic_missing_rates_from_the_command_line(tmp_path, capsys):
             "synthetic",
             "--out",
             str(tmp_path / "syn"),
-            "--num-samples",
-            "60",
-            "--shard-size",
-            "30",
+            *SMALL_SYNTHETIC,
             "--missing",
             "0,0,0",
         ]

@@ -198,6 +198,7 @@ def check_pod_basics(template: dict, shm: str, metrics_port: int) -> None:
 
 @pytest.mark.parametrize("workers,gpus", [(3, 0), (2, 4)])
 def test_pytorchjob_is_valid(tmp_path, workers, gpus):
+    resources = "--cpu 6 --memory 24Gi --shm-size 8Gi --metrics-port 9500"
     objs = render(
         tmp_path,
         "--name",
@@ -206,14 +207,7 @@ def test_pytorchjob_is_valid(tmp_path, workers, gpus):
         str(workers),
         "--gpus-per-worker",
         str(gpus),
-        "--cpu",
-        "6",
-        "--memory",
-        "24Gi",
-        "--shm-size",
-        "8Gi",
-        "--metrics-port",
-        "9500",
+        *resources.split(),
         "--train.lr=3e-4",
         "--calibration.method=mean_fill",
     )
@@ -286,14 +280,7 @@ def test_sweep_renders_rayjob(tmp_path):
         tmp_path,
         "--sweep",
         str(sweep),
-        "--workers",
-        "2",
-        "--gpus-per-worker",
-        "1",
-        "--pvc",
-        "shared-data",
-        "--metrics-port",
-        "8080",
+        *["--workers", "2", "--gpus-per-worker", "1", "--pvc", "shared-data", "--metrics-port", "8080"],
     )
     assert set(objs) == {"ConfigMap", "RayJob"}
     cm = objs["ConfigMap"]
