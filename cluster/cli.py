@@ -1,7 +1,7 @@
 """The `calmrl` command line.
 
 calmrl data build --source synthetic|tuxpaint|folder|jsonl --out DIR [--input PATH] [--shard-size N]
-calmrl train CONFIG [--nproc N] [--resume latest|TAG] [--section.key=value ...]
+calmrl train CONFIG [--nproc N] [--resume latest|TAG] [--init-from RUN_DIR[:TAG]] [--section.key=value ...]
 calmrl eval RUN_DIR --data SPLIT_DIR [--checkpoint TAG] [--out DIR]
 calmrl launch slurm CONFIG --nodes N --gpus-per-node G [--partition P] [--time T] [--dry-run]
 calmrl launch k8s CONFIG [--workers N] [--gpus-per-worker G] [--image IMAGE] [--out FILE] [--sweep SWEEP.yaml]
@@ -70,7 +70,15 @@ def _build_local(args: argparse.Namespace, out) -> int:
 def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     from pretrain.config import load_config
 
+    if args.init_from:  # the flags are overrides: they reach every rank and the run's config.yaml
+        overrides = [*overrides, f"--train.init_from={args.init_from}"]
+    if args.init_calibrator:
+        overrides = [*overrides, "--train.init_calibrator=true"]
     cfg = load_config(args.config, overrides)  # fail here, before any process starts
+    if cfg.train.init_from:
+        from pretrain.init_from import parse_init_from
+
+        parse_init_from(cfg.train.init_from)  # a missing source run fails here too
     if args.nproc and "RANK" not in os.environ:
         from cluster.launch_local import launch_local
 
@@ -285,6 +293,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume",
         default=None,
         help="'latest', a checkpoint folder name, or 'auto' (latest if there is one, else start)",
+    )
+    train.add_argument(
+        "--init-from",
+        default=None,
+        metavar="RUN_DIR[:TAG]",
+        help="continued training: start from another run's weights (any ZeRO stage), fresh optimizer, "
+        "schedule and data position (= --train.init_from; --train.init_keys='[heads.*]' loads a subset)",
+    )
+    train.add_argument(
+        "--init-calibrator", action="store_true", help="with --init-from: also take the source's calibrator state"
     )
 
     ev = sub.add_parser("eval", help="evaluate a run's checkpoint on a split")

@@ -37,7 +37,8 @@ class DataConfig:
     epoch_samples: int = 0  # resampled mode: samples per reader per virtual epoch (0: its shards' count)
     # Extra missing modalities imposed on the training stream (never on evaluation):
     # see data_pipeline/missing.py. "instance": this fraction of multi-modal samples
-    # lose a random non-empty proper subset; "entry": each modality hidden independently.
+    # lose a random non-empty proper subset; "entry": each modality hidden independently;
+    # "keep_text": text stays, this fraction of samples lose image, audio or both.
     extra_missing: float = 0.0
     extra_missing_mode: str = "instance"
     extra_missing_seed: int = 0

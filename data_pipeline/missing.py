@@ -12,6 +12,10 @@ Modes:
 - "entry": every present modality is hidden with probability `rate`
   independently; a sample that would lose everything keeps one of its
   modalities, drawn uniformly.
+- "keep_text": the pattern of paired video-text and audio-text corpora (the
+  paper's training data): text is never hidden; a fraction `rate` of the
+  samples that hold text and something else lose a uniformly drawn non-empty
+  subset of their other modalities (image, audio or both).
 """
 
 from __future__ import annotations
@@ -21,7 +25,10 @@ from itertools import combinations
 
 import torch
 
-MISSING_MODES = ("instance", "entry")
+from data_pipeline.contract import MODALITIES
+
+MISSING_MODES = ("instance", "entry", "keep_text")
+_TEXT = MODALITIES.index("text")
 
 
 def _rng(seed: int, key: str) -> random.Random:
@@ -38,6 +45,12 @@ def keep_mask(key: str, present: list[bool], rate: float, seed: int, mode: str =
     if rate == 0.0 or len(held) < 2:
         return list(present)
     rng = _rng(seed, key)
+    if mode == "keep_text":
+        others = [i for i in held if i != _TEXT]
+        if _TEXT not in held or not others or rng.random() >= rate:
+            return list(present)
+        dropped = set(rng.choice([c for size in range(1, len(others) + 1) for c in combinations(others, size)]))
+        return [p and i not in dropped for i, p in enumerate(present)]
     if mode == "instance":
         if rng.random() >= rate:
             return list(present)

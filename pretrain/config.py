@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from data_pipeline.contract import MODALITIES, DataConfig
+from data_pipeline.missing import MISSING_MODES
 
 
 class ConfigError(ValueError):
@@ -42,6 +43,7 @@ class ModelConfig:
     audio: TowerConfig = field(default_factory=lambda: TowerConfig(name="conv1d", width=64, depth=3))
     logit_scale_init: float = 1.0 / 0.07
     logit_scale_max: float = 100.0
+    logit_scale_learnable: bool = True  # false: the temperature stays at logit_scale_init
 
 
 @dataclass
@@ -49,7 +51,15 @@ class LossConfig:
     objective: str = "pairwise"  # pairwise | gram | pmrl
     imputed_pair_weight: float = 1.0  # pairwise: weight of a pair with one imputed side
     gram_anchor: str = "text"  # gram: the anchor modality
+    gram_label_smoothing: float = 0.0  # gram: label smoothing of both cross-entropies (reference: 0.1)
+    gram_negatives_grad: bool = True  # gram: gather columns with gradient (reference: without)
     pmrl_tau1: float = 0.1  # pmrl: temperature of the singular-value term
+    pmrl_tau2: float = 0.0  # pmrl: fixed leading-vector temperature; 0: the learnable logit scale (reference: 0.1)
+    pmrl_sign_fix: bool = True  # pmrl: sign u against its columns' mean (reference: no fix)
+    # gram/pmrl: loss = joint_weight * joint term on the completed tuples
+    #                 + pairwise_weight * pairwise InfoNCE on the observed pairs
+    joint_weight: float = 1.0
+    pairwise_weight: float = 0.0
 
 
 METHODS = ("calmrl", "observed_only", "drop_incomplete", "mean_fill")
@@ -107,6 +117,10 @@ class TrainConfig:
     ckpt_every: int = 0  # 0: only at the end
     keep_checkpoints: int = 2  # older step folders are removed (0 keeps all)
     stop_at: int = 0  # stop (after a checkpoint) at this step; 0 runs to `steps`. Schedules still span `steps`.
+    # Continued training (pretrain/init_from.py): start from another run's weights, fresh optimizer and data.
+    init_from: str = ""  # RUN_DIR or RUN_DIR:TAG
+    init_keys: list[str] = field(default_factory=list)  # glob patterns of the weights to load; [] = all, strictly
+    init_calibrator: bool = False  # also take the source run's completion state
 
 
 @dataclass
@@ -132,14 +146,22 @@ class Config:
             (self.data.num_workers >= 0, "data.num_workers", "must be >= 0"),
             (0.0 <= self.data.extra_missing <= 1.0, "data.extra_missing", "must lie in [0, 1]"),
             (
-                self.data.extra_missing_mode in ("instance", "entry"),
+                self.data.extra_missing_mode in MISSING_MODES,
                 "data.extra_missing_mode",
-                "must be 'instance' or 'entry'",
+                f"must be one of: {', '.join(MISSING_MODES)}",
             ),
             (
                 self.loss.objective in ("pairwise", "gram", "pmrl"),
                 "loss.objective",
                 "must be one of: pairwise, gram, pmrl",
+            ),
+            (0.0 <= self.loss.gram_label_smoothing < 1.0, "loss.gram_label_smoothing", "must lie in [0, 1)"),
+            (self.loss.pmrl_tau1 > 0, "loss.pmrl_tau1", "must be positive"),
+            (self.loss.pmrl_tau2 >= 0, "loss.pmrl_tau2", "must be >= 0 (0: the learnable logit scale)"),
+            (
+                self.loss.joint_weight >= 0 and self.loss.pairwise_weight >= 0,
+                "loss.pairwise_weight",
+                "and loss.joint_weight must be >= 0",
             ),
             (self.loss.gram_anchor in MODALITIES, "loss.gram_anchor", f"must be one of: {', '.join(MODALITIES)}"),
             (self.calibration.method in METHODS, "calibration.method", f"must be one of: {', '.join(METHODS)}"),

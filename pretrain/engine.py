@@ -44,9 +44,12 @@ def build_optimizer(model: MultiModalModel, cfg: Config) -> torch.optim.Optimize
 
     No weight decay on biases, norms, position tables and the logit scale; a
     tower's `lr_mult` scales its groups' learning rate (the schedule scales
-    every group alike); a frozen tower's weights are left out entirely."""
+    every group alike); a frozen tower's weights, and any parameter the model
+    made fixed, are left out entirely."""
     groups: dict[tuple[float, bool], list[torch.nn.Parameter]] = {}
     for name, p in model.named_parameters():
+        if not p.requires_grad:  # fixed by the config (e.g. model.logit_scale_learnable: false)
+            continue
         mult = 1.0
         if name.startswith("towers."):
             tower = getattr(cfg.model, name.split(".")[1])

@@ -32,15 +32,25 @@ def _directional_ce(
     return _masked_ce(scale * queries @ keys.T, key_available, offset)
 
 
-def _masked_ce(logits: torch.Tensor, key_available: torch.Tensor, offset: int) -> torch.Tensor:
+def _masked_ce(
+    logits: torch.Tensor, key_available: torch.Tensor, offset: int, label_smoothing: float = 0.0
+) -> torch.Tensor:
     """Per-row cross-entropy [B] of logits [B, N] with target column i+offset.
 
     Columns not in `key_available` [N] are masked out (not negatives); rows
     whose own column is masked come out inf/nan: callers select valid rows.
+    With `label_smoothing` e the target puts 1 - e on column i+offset and e
+    spread evenly over the available columns (torch's rule, over the columns
+    that exist for this row rather than over padding).
     """
     logits = logits.masked_fill(~key_available.unsqueeze(0), float("-inf"))
     targets = torch.arange(logits.shape[0], device=logits.device) + offset
-    return F.cross_entropy(logits, targets, reduction="none")
+    nll = F.cross_entropy(logits, targets, reduction="none")
+    if not label_smoothing:
+        return nll
+    log_probs = torch.log_softmax(logits, dim=1).masked_fill(~key_available.unsqueeze(0), 0.0)
+    uniform = -log_probs.sum(1) / key_available.sum().clamp_min(1).to(logits.dtype)
+    return (1.0 - label_smoothing) * nll + label_smoothing * uniform
 
 
 def pairwise_infonce(
@@ -192,6 +202,8 @@ def gram_volume(
     *,
     available: torch.Tensor | None = None,
     anchor: str = "text",
+    label_smoothing: float = 0.0,
+    negatives_grad: bool = True,
     volume_eps: float = 1e-6,
 ) -> dict[str, torch.Tensor]:
     """GRAM volume alignment with anchor modality `anchor`.
@@ -212,6 +224,11 @@ def gram_volume(
 
     `available` (default `observed`) marks observed or imputed vectors; only
     it matters here (every row has an observed modality by construction).
+    `label_smoothing` as in GRAM's reference (0.1 there). `negatives_grad`
+    False gathers the columns without gradient, as the reference does: each
+    direction then trains only its own query side (the positive column is a
+    constant too), and the rank-averaged gradient is no longer that of the
+    single-process loss.
     Volumes are computed in fp32 at least. Returns {"loss", "loss_value",
     "loss/<anchor>->data", "loss/data-><anchor>"}.
     """
@@ -226,7 +243,7 @@ def gram_volume(
     others = [m for m in range(len(modalities)) if m != a]
 
     x = _stack_available(emb, available, modalities)  # [B, M, D]
-    x_all = gather_rows(x)  # [W*B, M, D], with gradient
+    x_all = gather_rows(x) if negatives_grad else gather_rows_nograd(x.detach())  # [W*B, M, D]
     available_all = gather_rows_nograd(available.to(torch.uint8)).bool()
 
     rows = available[:, a] & available[:, others].any(1)
@@ -238,10 +255,10 @@ def gram_volume(
         scale = logit_scale.to(x.dtype)
         # anchor -> data: local anchors against the data of every gathered sample
         vol_ad = _gram_volumes(x[:, a], x_all[:, others], available_all[:, others], volume_eps)
-        ad = _masked_ce(-scale * vol_ad, available_all[:, others].any(1), offset)
+        ad = _masked_ce(-scale * vol_ad, available_all[:, others].any(1), offset, label_smoothing)
         # data -> anchor: local data against every gathered anchor
         vol_da = _gram_volumes(x_all[:, a], x[:, others], available[:, others], volume_eps).T
-        da = _masked_ce(-scale * vol_da, available_all[:, a], offset)
+        da = _masked_ce(-scale * vol_da, available_all[:, a], offset, label_smoothing)
         ad_term = ad[rows].sum() / total.to(ad.dtype)
         da_term = da[rows].sum() / total.to(da.dtype)
         partial_terms[0] = ad_term.detach().double()
@@ -287,7 +304,13 @@ class _SymmetricEig(torch.autograd.Function):
 
 
 def _leading_directions(
-    x: torch.Tensor, available: torch.Tensor, tau1: float, gap_eps: float, eig_floor: float, sign_tol: float
+    x: torch.Tensor,
+    available: torch.Tensor,
+    tau1: float,
+    gap_eps: float,
+    eig_floor: float,
+    sign_tol: float,
+    sign_fix: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row: the leading left singular vector u [B, D] of Z_i (its available
     columns; zeros for a row with none) and the singular-value cross-entropy
@@ -326,7 +349,7 @@ def _leading_directions(
         along_mean = (u_p * z.mean(1)).sum(-1)
         reference = torch.where(along_mean.abs() > sign_tol, along_mean, (u_p * z[:, 0]).sum(-1))
         sign = torch.where(reference < 0, -1.0, 1.0).to(u_p.dtype).detach()
-        u = u.index_put((idx,), u_p * sign.unsqueeze(-1))
+        u = u.index_put((idx,), u_p * sign.unsqueeze(-1) if sign_fix else u_p)
         singular = lam.clamp_min(eig_floor).sqrt().flip(-1)  # descending
         target = torch.zeros(len(idx), dtype=torch.long, device=x.device)
         sv_ce = sv_ce.index_put((idx,), F.cross_entropy(singular / tau1, target, reduction="none"))
@@ -341,6 +364,8 @@ def pmrl(
     *,
     available: torch.Tensor | None = None,
     tau1: float = 0.1,
+    tau2: float = 0.0,
+    sign_fix: bool = True,
     eig_gap_eps: float = 1e-8,
     eig_floor: float = 1e-6,
     sign_tol: float = 1e-3,
@@ -353,8 +378,10 @@ def pmrl(
     that is within `sign_tol` of 0, so that u_i . first column >= 0).
         L = mean_i CE(l_i / tau1, target 0)          (rows with >= 2 available)
           + symmetric CE of u_i . u_j * logit_scale over the global batch
-    (logit_scale plays 1/tau2; rows and candidate columns: samples with any
-    available modality). The score matrix u_i . u_j is symmetric and rows
+    (1/tau2 is `logit_scale`, or fixed when `tau2` > 0 as in PMRL's reference,
+    0.1 there; rows and candidate columns: samples with any available
+    modality). `sign_fix` False leaves u with the eigensolver's sign, as the
+    reference does. The score matrix u_i . u_j is symmetric and rows
     and columns share one candidate set, so the column-wise cross-entropy
     equals the row-wise one and the symmetric term is computed as the latter.
     A term no sample of the global batch has is left out (all-reduced counts).
@@ -367,7 +394,7 @@ def pmrl(
     world, batch = world_size(), observed.shape[0]
     offset = rank() * batch
     x = _stack_available(emb, available, modalities)
-    u, sv_ce = _leading_directions(x, available, tau1, eig_gap_eps, eig_floor, sign_tol)
+    u, sv_ce = _leading_directions(x, available, tau1, eig_gap_eps, eig_floor, sign_tol, sign_fix)
     u_all = gather_rows(u)  # with gradient, back to the owner of each row
     available_all = gather_rows_nograd(available.to(torch.uint8)).bool()
     multi = available.sum(1) >= 2
@@ -382,7 +409,8 @@ def pmrl(
         partial_terms[0] = sv_term.detach().double()
         loss = loss + (sv_term * world).to(loss.dtype)
     if active[1]:
-        ce = _directional_ce(u, u_all, has_any_all, offset, logit_scale.to(u.dtype))
+        inverse_tau2 = logit_scale.to(u.dtype) if tau2 <= 0 else torch.full_like(logit_scale, 1.0 / tau2, dtype=u.dtype)
+        ce = _directional_ce(u, u_all, has_any_all, offset, inverse_tau2)
         inst_term = ce[has_any].sum() / totals[1].to(ce.dtype)
         partial_terms[1] = inst_term.detach().double()
         loss = loss + (inst_term * world).to(loss.dtype)
@@ -409,12 +437,53 @@ class Objective(Protocol):
     ) -> dict[str, torch.Tensor]: ...
 
 
+def joint_with_pairwise(
+    emb: dict[str, torch.Tensor],
+    observed: torch.Tensor,
+    logit_scale: torch.Tensor,
+    modalities: tuple[str, ...] | list[str],
+    *,
+    available: torch.Tensor | None = None,
+    joint: Objective,
+    joint_weight: float = 1.0,
+    pairwise_weight: float = 1.0,
+) -> dict[str, torch.Tensor]:
+    """`joint_weight` x a joint objective on the completed tuples (`available`) plus
+    `pairwise_weight` x pairwise InfoNCE on the observed pairs only.
+
+    The pairwise term is what contrastive pretraining optimised; kept beside the
+    joint term it holds the cross-modal (cosine) alignment the joint term alone
+    does not constrain (volumes and singular values ignore a column's sign).
+    Imputed vectors enter the joint term only. Terms are logged as
+    "loss/joint/<term>" and "loss/pairwise/<pair>"."""
+    joint_out = joint(emb, observed, logit_scale, modalities, available=available)
+    pair_out = pairwise_infonce(emb, observed, logit_scale, modalities, available=observed)
+    out = {
+        "loss": joint_weight * joint_out["loss"] + pairwise_weight * pair_out["loss"],
+        "loss_value": joint_weight * joint_out["loss_value"] + pairwise_weight * pair_out["loss_value"],
+    }
+    for prefix, part in (("joint", joint_out), ("pairwise", pair_out)):
+        out.update({f"loss/{prefix}/{k[5:]}": v for k, v in part.items() if k.startswith("loss/")})
+    return out
+
+
 def create_objective(cfg: LossConfig) -> Objective:
-    """The configured objective, built once, with exactly its own options bound."""
+    """The configured objective, built once, with exactly its own options bound; a joint
+    objective (gram, pmrl) with `pairwise_weight` > 0 gets the pairwise term beside it."""
+    joint: Objective
     if cfg.objective == "pairwise":
         return partial(pairwise_infonce, imputed_pair_weight=cfg.imputed_pair_weight)
     if cfg.objective == "gram":
-        return partial(gram_volume, anchor=cfg.gram_anchor)
-    if cfg.objective == "pmrl":
-        return partial(pmrl, tau1=cfg.pmrl_tau1)
-    raise ValueError(f"loss.objective {cfg.objective!r} is not one of: pairwise, gram, pmrl")
+        joint = partial(
+            gram_volume,
+            anchor=cfg.gram_anchor,
+            label_smoothing=cfg.gram_label_smoothing,
+            negatives_grad=cfg.gram_negatives_grad,
+        )
+    elif cfg.objective == "pmrl":
+        joint = partial(pmrl, tau1=cfg.pmrl_tau1, tau2=cfg.pmrl_tau2, sign_fix=cfg.pmrl_sign_fix)
+    else:
+        raise ValueError(f"loss.objective {cfg.objective!r} is not one of: pairwise, gram, pmrl")
+    if cfg.pairwise_weight <= 0 and cfg.joint_weight == 1.0:
+        return joint
+    return partial(joint_with_pairwise, joint=joint, joint_weight=cfg.joint_weight, pairwise_weight=cfg.pairwise_weight)

@@ -23,7 +23,9 @@ class MultiModalModel(nn.Module):
         self.towers = nn.ModuleDict(towers)
         self.heads = nn.ModuleDict({m: nn.Linear(towers[m].out_dim, cfg.embed_dim) for m in self.modalities})
         # Shape (1,), not a 0-dim scalar: deepspeed 0.19.8 cannot flatten 0-dim parameters.
-        self.log_logit_scale = nn.Parameter(torch.tensor([math.log(cfg.logit_scale_init)]))
+        self.log_logit_scale = nn.Parameter(
+            torch.tensor([math.log(cfg.logit_scale_init)]), requires_grad=cfg.logit_scale_learnable
+        )
         self.max_log_logit_scale = math.log(cfg.logit_scale_max)
 
     def logit_scale(self) -> torch.Tensor:

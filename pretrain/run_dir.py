@@ -74,12 +74,25 @@ class RunDir:
         return torch.load(path, map_location="cpu", weights_only=False)
 
     def model_state(self, tag: str = LATEST) -> tuple[str, dict[str, torch.Tensor]]:
-        """Full fp32 model weights of a checkpoint of any ZeRO stage, and its resolved tag."""
+        """Full fp32 model weights of a checkpoint of any ZeRO stage, and its resolved tag.
+
+        ZeRO 1-3 keep fp32 master weights in per-rank optimizer shards, which
+        DeepSpeed's zero_to_fp32 joins; ZeRO 0 (plain data parallel) writes no
+        shards, and its module file holds the whole model."""
         os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         tag = self.resolve(tag)
-        return tag, get_fp32_state_dict_from_zero_checkpoint(str(self.checkpoints), tag=tag)
+        folder = self.checkpoints / tag
+        if any(folder.glob("*optim_states.pt")):
+            return tag, get_fp32_state_dict_from_zero_checkpoint(str(self.checkpoints), tag=tag)
+        module_file = folder / "mp_rank_00_model_states.pt"
+        if not module_file.is_file():
+            raise FileNotFoundError(
+                f"{folder} holds neither ZeRO shards nor {module_file.name}: an incomplete checkpoint; use another tag"
+            )
+        module = torch.load(module_file, map_location="cpu", weights_only=False)["module"]
+        return tag, {k: v.float() for k, v in module.items()}
 
     def load_model(self, tag: str = LATEST) -> tuple[Config, MultiModalModel, str]:
         """The run's model with the checkpoint's full fp32 weights, in eval mode."""

@@ -26,6 +26,7 @@ from pretrain.completion import Completion
 from pretrain.config import Config
 from pretrain.distributed import rank, world_size
 from pretrain.engine import build_engine
+from pretrain.init_from import load_initial_completion, load_initial_weights
 from pretrain.losses import Objective, create_objective
 from pretrain.model import build_model
 from pretrain.rng import rng_state, seed_everything, set_rng_state
@@ -221,7 +222,8 @@ def build_trainer(
     """Join (or make) the process group and build every part of a run from `cfg`.
 
     `run_dir` defaults to `train.out_dir`; rank 0 writes the resolved config
-    there. `batches` replaces the shard loader; `sinks` receive every step's
+    there. With `train.init_from` the model (and, asked, the completion state)
+    starts from another run's checkpoint (pretrain/init_from.py). `batches` replaces the shard loader; `sinks` receive every step's
     result besides the run log. Collective: every rank calls it."""
     init_distributed()
     run_dir = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir or cfg.train.out_dir)
@@ -229,9 +231,14 @@ def build_trainer(
     if rank() == 0:
         run_dir.write_config(cfg)
     model = build_model(cfg, vocab_size(cfg.data))
+    completion = Completion(cfg.calibration, MODALITIES, cfg.model.embed_dim, seed=cfg.train.seed)
+    if cfg.train.init_from:  # before DeepSpeed partitions the weights (ZeRO-3)
+        load_initial_weights(model, cfg.train)
+        if cfg.train.init_calibrator:
+            load_initial_completion(completion, cfg.train)
     engine = build_engine(model, cfg, world_size())
     objective = create_objective(cfg.loss)
-    completion = Completion(cfg.calibration, MODALITIES, cfg.model.embed_dim, seed=cfg.train.seed).to(device)
+    completion = completion.to(device)
     trainer = Trainer(cfg, run_dir, engine, objective, completion, device, batches=batches, sinks=sinks)
     seed_everything(cfg.train.seed + 1000 * rank())  # per-rank draws from here on (dropout, fill-ins)
     return trainer

@@ -53,7 +53,7 @@ def _torch_threads():
 # -- naive per-sample references ---------------------------------------------
 
 
-def naive_gram(emb, available, scale, anchor="text", eps=1e-6):
+def naive_gram(emb, available, scale, anchor="text", eps=1e-6, label_smoothing=0.0):
     mods = list(MODALITIES)
     a = mods.index(anchor)
     others = [m for m in range(len(mods)) if m != a]
@@ -67,16 +67,20 @@ def naive_gram(emb, available, scale, anchor="text", eps=1e-6):
     rows = [i for i in range(n) if available[i, a] and any(available[i, m] for m in others)]
     data_cols = [j for j in range(n) if any(available[j, m] for m in others)]
     anchor_cols = [j for j in range(n) if available[j, a]]
+
+    def ce(logits, target):  # torch's label smoothing, over the candidates
+        return F.cross_entropy(logits[None], torch.tensor([target]), label_smoothing=label_smoothing)
+
     ad = da = torch.zeros(())
     for i in rows:
         logits = torch.stack([-scale * vol(emb[anchor][i], j) for j in data_cols])
-        ad = ad - torch.log_softmax(logits, 0)[data_cols.index(i)]
+        ad = ad + ce(logits, data_cols.index(i))
         logits = torch.stack([-scale * vol(emb[anchor][j], i) for j in anchor_cols])
-        da = da - torch.log_softmax(logits, 0)[anchor_cols.index(i)]
+        da = da + ce(logits, anchor_cols.index(i))
     return 0.5 * (ad + da) / len(rows)
 
 
-def naive_pmrl(emb, available, scale, tau1=0.1):
+def naive_pmrl(emb, available, scale, tau1=0.1, tau2=0.0):
     mods = list(MODALITIES)
     n = available.shape[0]
     us, sv_terms = {}, []
@@ -92,7 +96,8 @@ def naive_pmrl(emb, available, scale, tau1=0.1):
         if len(cols) >= 2:
             sv_terms.append(-torch.log_softmax(s / tau1, 0)[0])
     rows = sorted(us)
-    sim = torch.stack([torch.stack([scale * us[i] @ us[j] for j in rows]) for i in rows])
+    inverse_tau2 = scale if tau2 <= 0 else 1.0 / tau2
+    sim = torch.stack([torch.stack([inverse_tau2 * us[i] @ us[j] for j in rows]) for i in rows])
     targets = torch.arange(len(rows))
     instance = 0.5 * (F.cross_entropy(sim, targets) + F.cross_entropy(sim.T, targets))
     sv = torch.stack(sv_terms).mean() if sv_terms else 0.0
@@ -168,7 +173,15 @@ def test_gathered_loss_equals_single_process(distributed_results, case):
 
 
 @pytest.mark.parametrize(
-    "obj,kwargs", [("gram", {}), ("gram", {"anchor": "image"}), ("pmrl", {}), ("pmrl", {"tau1": 0.5})]
+    "obj,kwargs",
+    [
+        ("gram", {}),
+        ("gram", {"anchor": "image"}),
+        ("gram", {"label_smoothing": 0.1}),
+        ("pmrl", {}),
+        ("pmrl", {"tau1": 0.5}),
+        ("pmrl", {"tau2": 0.1}),
+    ],
 )
 @pytest.mark.parametrize("seed", [0, 1])
 def test_matches_naive_reference(obj, kwargs, seed):
@@ -372,3 +385,45 @@ def test_aligned_embeddings_have_lower_loss(obj):
 def _grad(t: torch.Tensor) -> torch.Tensor:
     assert t.grad is not None, "no gradient reached this tensor"
     return t.grad
+
+
+def test_gram_without_negative_gradients_trains_only_each_direction_s_queries():
+    """GRAM's reference gathers columns without gradient: the value is the same,
+    and the anchor-to-data direction moves only the anchors, data-to-anchor only the data."""
+    emb, observed, _ = global_batch(4)
+    complete = torch.ones_like(observed)
+    scale = torch.tensor([SCALE])
+    leaves = {m: e.clone().requires_grad_(True) for m, e in emb.items()}
+    with_grad = gram_volume(leaves, complete, scale, MODALITIES)
+    without = gram_volume(leaves, complete, scale, MODALITIES, negatives_grad=False)
+    assert torch.allclose(with_grad["loss_value"], without["loss_value"])
+    g_with = torch.autograd.grad(with_grad["loss"], list(leaves.values()))
+    g_without = torch.autograd.grad(without["loss"], list(leaves.values()))
+    assert all(torch.isfinite(g).all() for g in g_without)
+    assert not any(torch.allclose(a, b) for a, b in zip(g_with, g_without))  # the columns' share is gone
+    t2d = gram_volume(leaves, complete, scale, MODALITIES, negatives_grad=False)["loss/text->data"]
+    d2t = gram_volume(leaves, complete, scale, MODALITIES, negatives_grad=False)["loss/data->text"]
+    assert torch.isfinite(t2d) and torch.isfinite(d2t)
+
+
+def test_pmrl_sign_fix_off_keeps_the_solver_sign():
+    """Without the sign rule the value can differ only through the instance term's signs."""
+    emb, observed, available = global_batch(5)
+    scale = torch.tensor([SCALE])
+    fixed = pmrl(emb, observed, scale, MODALITIES, available=available, sign_fix=True)
+    free = pmrl(emb, observed, scale, MODALITIES, available=available, sign_fix=False)
+    assert torch.allclose(fixed["loss/singular_values"], free["loss/singular_values"])
+    assert torch.isfinite(free["loss/instance"])
+
+
+def test_joint_with_pairwise_adds_the_observed_pairwise_term():
+    emb, observed, available = global_batch(6)
+    scale = torch.tensor([SCALE])
+    cfg = LossConfig(objective="gram", pairwise_weight=0.5, joint_weight=2.0)
+    out = create_objective(cfg)(emb, observed, scale, MODALITIES, available=available)
+    joint = gram_volume(emb, observed, scale, MODALITIES, available=available)
+    pair = pairwise_infonce(emb, observed, scale, MODALITIES)  # imputed vectors do not enter it
+    assert torch.allclose(out["loss"], 2.0 * joint["loss"] + 0.5 * pair["loss"])
+    assert torch.allclose(out["loss_value"], 2.0 * joint["loss_value"] + 0.5 * pair["loss_value"])
+    assert torch.equal(out["loss/joint/text->data"], joint["loss/text->data"])
+    assert torch.equal(out["loss/pairwise/image-text"], pair["loss/image-text"])

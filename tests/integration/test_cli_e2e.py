@@ -36,6 +36,28 @@ def test_build_train_eval(tmp_path):
     log = [json.loads(line) for line in (runs / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == list(range(1, 9))
 
+    # Continued training from that run: its weights, a fresh schedule, one process.
+    continued = run(
+        "train",
+        "configs/tiny_cpu.yaml",
+        "--init-from",
+        f"{runs}:step_00000004",
+        f"--data.shards={data / 'train'}",
+        f"--train.out_dir={tmp_path / 'continued'}",
+        "--train.steps=2",
+        "--train.warmup_steps=1",
+        "--data.batch_size=16",
+        "--model.text.depth=1",
+        "--loss.objective=gram",
+        "--loss.pairwise_weight=1",
+    )
+    assert continued.returncode == 0, continued.stderr[-3000:]
+    assert "trained to step 2/2" in continued.stdout
+    recorded = (tmp_path / "continued" / "config.yaml").read_text()
+    assert f"init_from: {runs}:step_00000004" in recorded
+    missing = run("train", "configs/tiny_cpu.yaml", "--init-from", str(tmp_path / "nowhere"), timeout=60)
+    assert missing.returncode == 2 and "not a calmrl run folder" in missing.stderr
+
     evaluated = run("eval", str(runs), "--data", str(data / "test"))
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     results = json.loads((runs / "eval" / "eval.json").read_text())

@@ -40,10 +40,25 @@ def test_entry_mode_hides_each_modality_independently():
     assert ((hidden - 0.4).abs() < 0.04).all(), hidden  # all-hidden draws (6.4%) keep one back
 
 
+@pytest.mark.parametrize("rate", [0.5, 0.7])
+def test_keep_text_mode_never_hides_text(rate):
+    """The paper's data: text always there; image, audio or both missing."""
+    out = impose_missing(KEYS, FULL, rate, seed=0, mode="keep_text")
+    assert out[:, 1].all()  # text, in every sample
+    incomplete = ~out.all(1)
+    assert abs(incomplete.float().mean().item() - rate) < 0.03
+    patterns = torch.unique(out[incomplete], dim=0, return_counts=True)
+    assert {tuple(p.tolist()) for p in patterns[0]} == {(False, True, True), (True, True, False), (False, True, False)}
+    assert patterns[1].min() > 0.7 * patterns[1].max()  # image, audio or both, about equally
+    # A sample without text (or with text alone) keeps what it has.
+    present = torch.tensor([[True, False, True], [False, True, False]] * 20)
+    assert torch.equal(impose_missing(KEYS[:40], present, 1.0, seed=0, mode="keep_text"), present)
+
+
 def test_never_adds_a_modality_and_leaves_single_modality_samples_alone():
     present = torch.tensor([[True, False, False], [False, True, True], [True, True, True]] * 50)
     keys = KEYS[: present.shape[0]]
-    for mode in ("instance", "entry"):
+    for mode in ("instance", "entry", "keep_text"):
         out = impose_missing(keys, present, 1.0, seed=3, mode=mode)
         assert not (out & ~present).any()
         assert torch.equal(out[0::3], present[0::3])
