@@ -8,7 +8,7 @@
 
 from __future__ import annotations
 
-from itertools import permutations
+from itertools import combinations, permutations
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +17,8 @@ import torch
 from data_pipeline.contract import MODALITIES
 from data_pipeline.split import open_split
 from evals.embed import embed_split
-from evals.imputation import imputation_error
-from evals.retrieval import retrieval_metrics
+from evals.imputation import imputation_error, imputation_error_by_pattern
+from evals.retrieval import anchor_scores, joint_retrieval, retrieval_metrics, volume_scores
 from evals.zero_shot import class_embeddings, zero_shot_accuracy
 from pretrain.anchor_shift import anchor_shift
 from pretrain.calibration import Calibrator
@@ -46,11 +46,19 @@ def evaluate_run(run_dir: str | Path, split_dir: str | Path, tag: str = "latest"
 
 
 def embedding_metrics(
-    emb: dict[str, torch.Tensor], present: torch.Tensor, calibrator: Calibrator | None
+    emb: dict[str, torch.Tensor],
+    present: torch.Tensor,
+    calibrator: Calibrator | None,
+    refit: Calibrator | None = None,
+    anchor: str = "text",
 ) -> dict[str, Any]:
-    """Retrieval between every ordered pair of modalities on complete instances,
-    anchor shift per pattern and imputation error (with `calibrator` when there
-    is one), and the mean R@1 over the pairs."""
+    """On the complete instances: cosine retrieval between every ordered pair of
+    modalities and its mean R@1; the joint rules (GRAM's volume and PMRL's
+    leading vector, `anchor` against the other modalities together); the mean
+    cosine of each pair's positives (a sign flip shows as a negative value);
+    anchor shift and imputation error per missing pattern with `calibrator`
+    (the run's state) and `refit` (e.g. an exact EM fit on the final training
+    features) when given."""
     complete = present.all(1)
     results: dict[str, Any] = {
         "num_samples": int(present.shape[0]),
@@ -59,12 +67,26 @@ def embedding_metrics(
     }
     for a, b in permutations(MODALITIES, 2):
         results["retrieval"][f"{a}->{b}"] = retrieval_metrics(emb[a][complete], emb[b][complete])
+    r1 = [v["R@1"] for v in results["retrieval"].values()]
+    results["mean_R@1"] = sum(r1) / len(r1) if r1 else float("nan")
     if int(complete.sum()) > 1:
-        complete_emb = {m: emb[m][complete] for m in MODALITIES}
-        results["anchor_shift"] = anchor_shift(complete_emb, calibrator, MODALITIES)
+        complete_emb = {m: emb[m][complete].float() for m in MODALITIES}
+        results["positive_cosine"] = {
+            f"{a}-{b}": float((complete_emb[a] * complete_emb[b]).sum(1).mean()) for a, b in combinations(MODALITIES, 2)
+        }
+        others = [complete_emb[m] for m in MODALITIES if m != anchor]
+        results["joint_retrieval"] = {
+            **joint_retrieval(volume_scores(complete_emb[anchor], others), "volume"),
+            **joint_retrieval(anchor_scores(complete_emb[anchor], others), "anchor"),
+        }
+        calibrators = {"calmrl": calibrator} if calibrator is not None else {}
+        if refit is not None:
+            calibrators["calmrl_refit"] = refit
+        results["anchor_shift"] = anchor_shift(
+            complete_emb, calibrator, MODALITIES, {"refit": refit} if refit is not None else None
+        )
         # mean-fill uses each modality's mean over every sample holding it
         means = {m: emb[m][present[:, j]].mean(0) for j, m in enumerate(MODALITIES)}
         results["imputation_error"] = imputation_error(complete_emb, calibrator, MODALITIES, means)
-    r1 = [v["R@1"] for v in results["retrieval"].values()]
-    results["mean_R@1"] = sum(r1) / len(r1) if r1 else float("nan")
+        results["imputation_by_pattern"] = imputation_error_by_pattern(complete_emb, calibrators, MODALITIES, means)
     return results

@@ -8,6 +8,8 @@ the mean cosine distance (1 - cos) and the mean squared error of unit vectors.
 
 from __future__ import annotations
 
+from itertools import combinations
+
 import torch
 import torch.nn.functional as F
 
@@ -47,4 +49,42 @@ def imputation_error(
                 "cosine": float((1 - (fill * truth).sum(1)).mean()),
                 "mse": float((fill - truth).square().sum(1).mean()),
             }
+    return out
+
+
+@torch.no_grad()
+def imputation_error_by_pattern(
+    emb: dict[str, torch.Tensor],
+    calibrators: dict[str, Calibrator],
+    modalities: list[str] | tuple[str, ...],
+    means: dict[str, torch.Tensor] | None = None,
+    seed: int = 0,
+) -> dict[str, dict[str, float]]:
+    """{observed pattern: {method: mean cosine distance over its hidden modalities}}
+    on complete instances, for every pattern with at least one modality hidden
+    (the single-observed ones included). Methods: each of `calibrators` by
+    name, mean-fill and random-fill."""
+    modalities = list(modalities)
+    n = next(iter(emb.values())).shape[0]
+    out: dict[str, dict[str, float]] = {}
+    for size in range(1, len(modalities)):
+        for observed in combinations(range(len(modalities)), size):
+            present = torch.zeros(n, len(modalities), dtype=torch.bool)
+            present[:, list(observed)] = True
+            hidden = [m for j, m in enumerate(modalities) if j not in observed]
+            gen = torch.Generator().manual_seed(seed)
+            fills: dict[str, dict[str, torch.Tensor]] = {
+                "mean_fill": {
+                    m: F.normalize((means[m] if means else emb[m].mean(0)).float(), dim=0).expand(n, -1) for m in hidden
+                },
+                "random_fill": {m: F.normalize(torch.randn(n, emb[m].shape[1], generator=gen), dim=1) for m in hidden},
+            }
+            for name, cal in calibrators.items():
+                imputed = cal.impute({k: v.float() for k, v in emb.items()}, present)
+                fills[name] = {m: imputed[m].float() for m in hidden}
+            row = {}
+            for method, filled in fills.items():
+                errors = [(1 - (filled[m] * F.normalize(emb[m].float(), dim=1)).sum(1)).mean() for m in hidden]
+                row[method] = float(torch.stack(errors).mean())
+            out["+".join(modalities[j] for j in observed)] = row
     return out

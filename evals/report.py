@@ -14,6 +14,11 @@ def markdown_table(results: dict[str, Any]) -> str:
     lines = ["| query -> key | R@1 | R@5 | R@10 | median rank |", "|---|---|---|---|---|"]
     for pair, m in results["retrieval"].items():
         lines.append(f"| {pair} | {m['R@1']:.3f} | {m['R@5']:.3f} | {m['R@10']:.3f} | {m['median_rank']:.0f} |")
+    for rule, m in results.get("joint_retrieval", {}).items():
+        lines.append(f"| {rule} | {m['R@1']:.3f} | {m['R@5']:.3f} | {m['R@10']:.3f} | {m['median_rank']:.0f} |")
+    if "positive_cosine" in results:
+        cosines = ", ".join(f"{pair} {value:+.3f}" for pair, value in results["positive_cosine"].items())
+        lines += ["", f"Mean cosine of the positives (a negative one is a flipped sign): {cosines}"]
     if "anchor_shift" in results:
         lines += ["", "| observed pattern | anchor shift, observed only | anchor shift, calibrated |", "|---|---|---|"]
         for pattern, row in results["anchor_shift"].items():
@@ -33,6 +38,16 @@ def markdown_table(results: dict[str, Any]) -> str:
                 for m in methods
             ]
             lines.append(f"| {modality} | " + " | ".join(cells) + " |")
+    by_pattern = results.get("imputation_by_pattern")
+    if by_pattern:
+        methods = list(next(iter(by_pattern.values())))
+        lines += [
+            "",
+            "| observed pattern | " + " | ".join(f"{m} (cosine distance)" for m in methods) + " |",
+            "|---|" + "---|" * len(methods),
+        ]
+        for pattern, row in by_pattern.items():
+            lines.append(f"| {pattern} | " + " | ".join(f"{row[m]:.3f}" for m in methods) + " |")
     if results.get("zero_shot"):
         lines += ["", "| zero-shot | top-1 | chance | n |", "|---|---|---|---|"]
         for modality, row in results["zero_shot"].items():

@@ -30,10 +30,15 @@ def _align(v: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def anchor_shift(
-    emb: dict[str, torch.Tensor], calibrator: Calibrator | None, modalities: list[str] | tuple[str, ...]
+    emb: dict[str, torch.Tensor],
+    calibrator: Calibrator | None,
+    modalities: list[str] | tuple[str, ...],
+    others: dict[str, Calibrator] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Per missing pattern (named by its observed modalities): mean shift of the
-    local anchor and, with a calibrator, of the calibrated anchor.
+    local anchor and, with a calibrator, of the calibrated anchor
+    ("calibrated"); each of `others` (e.g. an exact refit) adds
+    "calibrated_<name>".
 
     `emb` holds complete instances only (every modality, [N, d] each)."""
     modalities = list(modalities)
@@ -46,12 +51,14 @@ def anchor_shift(
             name = "+".join(modalities[i] for i in observed)
             u_obs = _align(leading_left_singular_vectors(full[:, :, list(observed)]), u)
             row = {"n": float(n), "observed_only": float((u - u_obs).norm(dim=1).mean())}
-            if calibrator is not None:
-                present = torch.zeros(n, len(modalities), dtype=torch.bool)
-                present[:, list(observed)] = True
-                filled = calibrator.impute({m: emb[m].float() for m in modalities}, present)
+            present = torch.zeros(n, len(modalities), dtype=torch.bool)
+            present[:, list(observed)] = True
+            named = {"calibrated": calibrator} if calibrator is not None else {}
+            named.update({f"calibrated_{k}": c for k, c in (others or {}).items()})
+            for key, cal in named.items():
+                filled = cal.impute({m: emb[m].float() for m in modalities}, present)
                 completed = torch.stack([filled[m].float() for m in modalities], dim=2)
                 u_cal = _align(leading_left_singular_vectors(completed), u)
-                row["calibrated"] = float((u - u_cal).norm(dim=1).mean())
+                row[key] = float((u - u_cal).norm(dim=1).mean())
             out[name] = row
     return out

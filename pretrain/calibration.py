@@ -54,6 +54,17 @@ class PatternGroups:
 
 
 @dataclass(frozen=True)
+class PatternMoments:
+    """Sufficient statistics of fixed data for EM: per missing pattern, over the
+    samples with that pattern, of the concatenated features x = [z^m]_m."""
+
+    patterns: Tensor  # [P, M] bool
+    counts: Tensor  # [P]
+    first: Tensor  # [P, M d]: sum x
+    second: Tensor  # [P, M d, M d]: sum x x^T
+
+
+@dataclass(frozen=True)
 class Posterior:
     """Result of the E-step. Covariances are kept per pattern, not per sample."""
 
@@ -332,6 +343,19 @@ class Calibrator(torch.nn.Module):
         per_sample = -0.5 * (pattern_const.index_select(0, groups.index) + quad)
         return per_sample[present.any(dim=1)].mean().item()
 
+    @torch.no_grad()
+    def global_log_likelihood(self, z: Mapping[str, Tensor], present: Tensor) -> float:
+        """`log_likelihood` averaged over the samples of every rank (one all-reduce):
+        the same number on every rank, so a decision taken on it is collective-safe."""
+        present = self._check_present(present)
+        rows = present.any(dim=1)
+        local = self.log_likelihood(z, present) if bool(rows.any()) else 0.0
+        count = float(rows.sum())
+        totals = torch.tensor([local * count, count], dtype=torch.float64, device=self.W.device)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size(self.process_group) > 1:
+            dist.all_reduce(totals, op=dist.ReduceOp.SUM, group=self.process_group)
+        return float(totals[0] / totals[1].clamp_min(1.0))
+
     # ---------------------------------------------------------------- M-step
 
     @torch.no_grad()
@@ -467,6 +491,117 @@ class Calibrator(torch.nn.Module):
             self.m_step()
             history.append(self.log_likelihood(z, present))
         return history
+
+    @torch.no_grad()
+    def fit_exact(
+        self, z: Mapping[str, Tensor], present: Tensor, max_iters: int = 200, tol: float = 1e-6
+    ) -> list[float]:
+        """EM to convergence on fixed features (every rank's).
+
+        EM on fixed data needs the data only through each missing pattern's
+        count, sum and sum of outer products of its concatenated features
+        (`PatternMoments`): they are computed once and summed over ranks with one
+        all-reduce, after which an iteration costs O(patterns x (M d)^2 k)
+        whatever the number of samples, and every rank computes the same state
+        with no further communication. Each iteration gives exactly the
+        statistics the per-sample E-step would (tested), then the usual M-step.
+        Stops when the mean log-likelihood improves by less than `tol` relative
+        to its magnitude, or after `max_iters`. Returns the mean log-likelihood
+        after each iteration (non-decreasing, as EM guarantees); the running
+        statistics are left as the last iteration's plain sums."""
+        moments = self.pattern_moments(z, present)
+        history: list[float] = []
+        for _ in range(max_iters):
+            for name, value in self._statistics_from_moments(moments).items():
+                getattr(self, name).copy_(value)
+            self.m_step()
+            history.append(self.log_likelihood_from_moments(moments))
+            if len(history) > 1 and abs(history[-1] - history[-2]) <= tol * max(1.0, abs(history[-2])):
+                break
+        return history
+
+    @torch.no_grad()
+    def pattern_moments(self, z: Mapping[str, Tensor], present: Tensor) -> PatternMoments:
+        """Count, sum and sum of outer products of the concatenated features x = [z^m]_m
+        (zero blocks for absent modalities) per missing pattern, summed over ranks.
+        Every pattern of the 2^M - 1 is listed, so every rank reduces the same shape."""
+        present = self._check_present(present)
+        x = torch.cat(self._masked_features(z, present), dim=1)  # [N, M d]
+        num_modalities = len(self.modalities)
+        bits = torch.arange(num_modalities, device=present.device)
+        codes = (present.long() << bits).sum(dim=1)
+        all_codes = torch.arange(1, 2**num_modalities, device=present.device)
+        patterns = ((all_codes.unsqueeze(1) >> bits) & 1).bool()
+        member = (codes.unsqueeze(0) == all_codes.unsqueeze(1)).to(self.dtype)  # [P, N]
+        counts = member.sum(1)
+        first = member @ x
+        second = torch.einsum("pn,nd,ne->pde", member, x, x)
+        stats = self._all_reduce_statistics({"counts": counts, "first": first, "second": second})
+        return PatternMoments(patterns.to(self.W.device), stats["counts"], stats["first"], stats["second"])
+
+    def _pattern_maps(self, patterns: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Per pattern: V_O [P, k, k], A_O [P, k, M d] (the blocks W_m^T / sigma2_m of the
+        observed modalities), c_O [P, k] (sum of W_m^T mu_m / sigma2_m) and mu_O [P, M d]."""
+        d, k = self.dim, self.latent_dim
+        block = patterns.to(self.dtype).repeat_interleave(d, dim=1)  # [P, M d]
+        V = torch.cholesky_inverse(torch.linalg.cholesky(self._pattern_precision(patterns)))
+        scaled = (self.W / self.sigma2[:, None, None]).permute(2, 0, 1).reshape(k, -1)  # [k, M d]
+        A = scaled.unsqueeze(0) * block.unsqueeze(1)
+        mu = self.mu.reshape(-1).unsqueeze(0) * block
+        c = torch.einsum("pkd,pd->pk", A, mu)
+        return V, A, c, mu
+
+    def _statistics_from_moments(self, moments: PatternMoments) -> dict[str, Tensor]:
+        """The running statistics one E-step over the data would give, from its moments.
+
+        With b_i = G x_i - g (G = V_O A_O, g = V_O c_O) for a sample of pattern O:
+        sum b x^T = G S - g s^T, sum b = G s - n g and
+        sum b b^T = G S G^T - G s g^T - g s^T G^T + n g g^T."""
+        d, k, num_modalities = self.dim, self.latent_dim, len(self.modalities)
+        V, A, c, _ = self._pattern_maps(moments.patterns)
+        n, s, S = moments.counts, moments.first, moments.second
+        G = V @ A
+        g = torch.einsum("pkl,pl->pk", V, c)
+        Gs = torch.einsum("pkd,pd->pk", G, s)
+        bx = G @ S - g.unsqueeze(2) * s.unsqueeze(1)  # [P, k, M d]
+        sum_b = Gs - n[:, None] * g
+        outer = torch.einsum("pk,pl->pkl", Gs, g)
+        sum_bb = G @ S @ G.mT - outer - outer.mT + n[:, None, None] * torch.einsum("pk,pl->pkl", g, g)
+        holds = moments.patterns.T.to(self.dtype)  # [M, P]: the patterns in which m is observed
+        n_obs = holds @ n
+        St = torch.zeros(num_modalities, k + 1, k + 1, dtype=self.dtype, device=self.W.device)
+        St[:, :k, :k] = torch.einsum("mp,pkl->mkl", holds, n[:, None, None] * V + sum_bb)
+        St[:, :k, k] = St[:, k, :k] = holds @ sum_b
+        St[:, k, k] = n_obs
+        zb = torch.einsum("mp,pkmd->mdk", holds, bx.reshape(-1, k, num_modalities, d))
+        zs = torch.einsum("mp,pmd->md", holds, s.reshape(-1, num_modalities, d))
+        diagonal = torch.diagonal(S, dim1=1, dim2=2).reshape(-1, num_modalities, d).sum(2)  # [P, M]
+        return {
+            "n_obs": n_obs,
+            "sum_z_bt": torch.cat([zb, zs.unsqueeze(2)], dim=2),
+            "sum_St": St,
+            "sum_zsq": (holds * diagonal.T).sum(1),
+        }
+
+    def log_likelihood_from_moments(self, moments: PatternMoments) -> float:
+        """`log_likelihood` (the mean over samples) of the data the moments summarise:
+        sum_i (x_i - mu)^T C^-1 (x_i - mu) = tr(D^-1 M2) - tr(V A M2 A^T) with
+        M2 = sum (x - mu)(x - mu)^T (Woodbury), log det C = log det P_O + d sum log sigma2."""
+        d = self.dim
+        V, A, _, mu = self._pattern_maps(moments.patterns)
+        n, s, S = moments.counts, moments.first, moments.second
+        cross = s.unsqueeze(2) * mu.unsqueeze(1)
+        centred = S - cross - cross.mT + n[:, None, None] * mu.unsqueeze(2) * mu.unsqueeze(1)
+        block = moments.patterns.to(self.dtype).repeat_interleave(d, dim=1)
+        inv_noise = (1.0 / self.sigma2).repeat_interleave(d).unsqueeze(0) * block
+        quad = (torch.diagonal(centred, dim1=1, dim2=2) * inv_noise).sum(1)
+        quad = quad - torch.einsum("pkl,plk->p", V, A @ centred @ A.mT)
+        chol = torch.linalg.cholesky(self._pattern_precision(moments.patterns))
+        logdet = 2.0 * torch.diagonal(chol, dim1=-2, dim2=-1).log().sum(-1)
+        logdet = logdet + moments.patterns.to(self.dtype) @ (d * self.sigma2.log())
+        dims = d * moments.patterns.to(self.dtype).sum(1)
+        total = -0.5 * (n * (dims * _LOG_2PI + logdet) + quad)
+        return float(total.sum() / n.sum().clamp_min(1.0))
 
     # ----------------------------------------------------------- inspection
 

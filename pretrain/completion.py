@@ -21,6 +21,7 @@ collectives), whatever its local data.
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -85,6 +86,10 @@ class Completion(torch.nn.Module):
             )
         elif cfg.method == "mean_fill":
             self.filler = MeanFiller(len(modalities), dim, cfg.decay)
+        # Features of the last micro-batches for exact fits (not checkpointed: a resumed
+        # run refills it before its next refit).
+        self._recent: deque[tuple[dict[str, torch.Tensor], torch.Tensor]] = deque(maxlen=cfg.exact_fit_batches)
+        self.fit_history: list[float] = []  # log-likelihood per EM iteration of the last exact fit
 
     def imputing(self, step: int) -> bool:
         """Whether step `step` (0-based optimizer step) aligns filled-in modalities."""
@@ -112,6 +117,8 @@ class Completion(torch.nn.Module):
         # calmrl: step A, statistics from detached features (every rank, every micro-step)
         assert self.calibrator is not None
         detached = {m: e.detach() for m, e in emb.items()}
+        if self.cfg.exact_fit:
+            self._recent.append(({m: e.float() for m, e in detached.items()}, present))
         if not self.imputing(step):
             self.calibrator.accumulate(detached, present)
             return Completed(emb, present, present)
@@ -128,9 +135,22 @@ class Completion(torch.nn.Module):
         return Completed(completed, present, has_any.expand_as(present))
 
     def end_step(self, step: int) -> None:
-        """After optimizer step `step` (1-based count of finished steps)."""
-        if self.calibrator is not None and step % self.cfg.update_every == 0:
+        """After optimizer step `step` (1-based count of finished steps): an exact
+        fit when one is due (it replaces that step's M-step), else the M-step
+        every `update_every` steps."""
+        if self.calibrator is None:
+            return
+        if self.cfg.exact_fit and self._refit_due(step) and self._recent:
+            z = {m: torch.cat([batch[m] for batch, _ in self._recent]) for m in self.modalities}
+            present = torch.cat([p for _, p in self._recent])
+            self.fit_history = self.calibrator.fit_exact(z, present, self.cfg.exact_fit_iters, self.cfg.exact_fit_tol)
+            return
+        if step % self.cfg.update_every == 0:
             self.calibrator.m_step()
+
+    def _refit_due(self, step: int) -> bool:
+        warmup, every = self.cfg.warmup_steps, self.cfg.refit_every
+        return step == warmup or (every > 0 and step > warmup and (step - warmup) % every == 0)
 
     def log_likelihood(self, emb: dict[str, torch.Tensor], present: torch.Tensor) -> float | None:
         if self.calibrator is None or not present.any():

@@ -85,6 +85,13 @@ class CalibrationConfig:
     sigma2_floor: float = 1.0e-4
     init_scale: float = 0.1
     dtype: str = "float32"  # calibrator state and arithmetic: float32 | float64
+    # Exact fits: EM to convergence on the detached features of the last `exact_fit_batches`
+    # micro-batches, at the end of warm-up and then every `refit_every` steps (0: once).
+    exact_fit: bool = False
+    exact_fit_batches: int = 16
+    exact_fit_iters: int = 1000
+    exact_fit_tol: float = 1.0e-7  # relative change of the mean log-likelihood that ends EM
+    refit_every: int = 0
 
 
 @dataclass
@@ -168,6 +175,9 @@ class Config:
             (self.calibration.latent_dim >= 1, "calibration.latent_dim", "must be >= 1"),
             (0.0 < self.calibration.decay <= 1.0, "calibration.decay", "must lie in (0, 1]"),
             (self.calibration.update_every >= 1, "calibration.update_every", "must be >= 1"),
+            (self.calibration.exact_fit_batches >= 1, "calibration.exact_fit_batches", "must be >= 1"),
+            (self.calibration.exact_fit_iters >= 1, "calibration.exact_fit_iters", "must be >= 1"),
+            (self.calibration.refit_every >= 0, "calibration.refit_every", "must be >= 0"),
             (self.calibration.dtype in ("float32", "float64"), "calibration.dtype", "must be float32 or float64"),
         ]
         for ok, key, why in checks:

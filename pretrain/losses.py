@@ -171,7 +171,7 @@ def _det(g: torch.Tensor) -> torch.Tensor:
     return total
 
 
-def _gram_volumes(anchors: torch.Tensor, data: torch.Tensor, data_available: torch.Tensor, eps: float) -> torch.Tensor:
+def gram_volumes(anchors: torch.Tensor, data: torch.Tensor, data_available: torch.Tensor, eps: float) -> torch.Tensor:
     """Vol(a_p, x_q^1, ..., x_q^K) = sqrt(det G) for every pair (p, q) -> [P, Q].
 
     anchors [P, D]; data [Q, K, D] (zeros where unavailable); data_available
@@ -254,10 +254,10 @@ def gram_volume(
     if total > 0:  # an all-reduced count: every rank takes the same branch
         scale = logit_scale.to(x.dtype)
         # anchor -> data: local anchors against the data of every gathered sample
-        vol_ad = _gram_volumes(x[:, a], x_all[:, others], available_all[:, others], volume_eps)
+        vol_ad = gram_volumes(x[:, a], x_all[:, others], available_all[:, others], volume_eps)
         ad = _masked_ce(-scale * vol_ad, available_all[:, others].any(1), offset, label_smoothing)
         # data -> anchor: local data against every gathered anchor
-        vol_da = _gram_volumes(x_all[:, a], x[:, others], available[:, others], volume_eps).T
+        vol_da = gram_volumes(x_all[:, a], x[:, others], available[:, others], volume_eps).T
         da = _masked_ce(-scale * vol_da, available_all[:, a], offset, label_smoothing)
         ad_term = ad[rows].sum() / total.to(ad.dtype)
         da_term = da[rows].sum() / total.to(da.dtype)

@@ -31,6 +31,8 @@ class StepResult:
     log_likelihood: float | None = None  # calibrator log-likelihood of the batch (log steps)
     calibrator: dict[str, float] = field(default_factory=dict)  # "calibrator/sigma2/<m>"
     anchor_shift: dict[str, float] = field(default_factory=dict)  # "anchor_shift/<kind>" (log steps)
+    # "cos/<a>-<b>": mean cosine of the batch's observed positive pairs (log steps); a negative one is a sign flip
+    positive_cosine: dict[str, float] = field(default_factory=dict)
     bad_samples: int | None = None  # cumulative bad samples of this rank's reader (shard loader only)
     time: float = 0.0  # unix time at the end of the step
 
@@ -54,5 +56,6 @@ class StepResult:
         if self.bad_samples is not None:
             out["bad_samples"] = self.bad_samples
         out.update(self.anchor_shift)
+        out.update(self.positive_cosine)
         out["time"] = self.time
         return out

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Iterator
+from itertools import combinations
 from pathlib import Path
 from typing import Any
 
@@ -104,9 +105,16 @@ class Trainer:
         return out
 
     def _diagnostics(self, emb: dict[str, torch.Tensor], present: torch.Tensor) -> dict[str, Any]:
-        """Log-step diagnostics: the calibrator's log-likelihood of the batch and the
-        mean anchor shift over missing patterns on the batch's complete rows."""
+        """Log-step diagnostics: the calibrator's log-likelihood of the batch, the
+        mean anchor shift over missing patterns on the batch's complete rows, and
+        the mean cosine of each pair's observed positives (a flipped sign shows)."""
         out: dict[str, Any] = {"log_likelihood": self.completion.log_likelihood(emb, present), "anchor_shift": {}}
+        out["positive_cosine"] = {}
+        for i, j in combinations(range(len(MODALITIES)), 2):
+            both = present[:, i] & present[:, j]
+            if bool(both.any()):
+                a, b = emb[MODALITIES[i]].detach()[both], emb[MODALITIES[j]].detach()[both]
+                out["positive_cosine"][f"cos/{MODALITIES[i]}-{MODALITIES[j]}"] = float((a * b).sum(1).mean())
         complete = present.all(1)
         if int(complete.sum()) >= 2:
             rows = {m: e.detach()[complete].float() for m, e in emb.items()}
@@ -176,6 +184,7 @@ class Trainer:
             log_likelihood=diagnostics.get("log_likelihood"),
             calibrator=self.completion.extra_metrics(),
             anchor_shift=diagnostics.get("anchor_shift", {}),
+            positive_cosine=diagnostics.get("positive_cosine", {}),
             bad_samples=self.batches.state.bad_samples if isinstance(self.batches, BatchLoader) else None,
             time=time.time(),
         )

@@ -92,3 +92,68 @@ def test_state_round_trip():
     assert len(tensors) >= 6
     for k, v in tensors.items():
         assert torch.equal(v, other.state_dict()[k]), k
+
+
+def test_exact_fit_at_the_end_of_warmup_is_em_to_convergence_on_recent_batches():
+    """With calibration.exact_fit the calibrator is refitted exactly when warm-up ends
+    (on the buffered features of the last micro-batches), then again every refit_every steps."""
+    from pretrain.calibration import Calibrator
+
+    done = completion(
+        "calmrl",
+        warmup_steps=3,
+        exact_fit=True,
+        exact_fit_batches=2,
+        refit_every=2,
+        dtype="float64",
+        exact_fit_tol=1e-10,
+    )
+    batches = [batch(seed, n=40) for seed in range(6)]
+    for step, (emb, present) in enumerate(batches):
+        done.complete(emb, present, step)
+        done.end_step(step + 1)
+        if step + 1 == 3:  # warm-up ends: the fit used batches 1 and 2 (the buffer holds two)
+            history = done.fit_history
+            assert len(history) >= 2 and all(b >= a - 1e-9 for a, b in zip(history, history[1:]))
+            z = {m: torch.cat([batches[1][0][m], batches[2][0][m]]) for m in MODALITIES}
+            p = torch.cat([batches[1][1], batches[2][1]])
+            # EM from another start reaches the same likelihood: the fit ran to convergence.
+            reference = Calibrator(list(MODALITIES), D, 3, seed=5, dtype=torch.float64)
+            reference.fit_exact(z, p, max_iters=2000, tol=1e-10)
+            assert done.calibrator is not None
+            assert abs(history[-1] - done.calibrator.log_likelihood(z, p)) < 1e-9
+            assert abs(history[-1] - reference.log_likelihood(z, p)) < 1e-3 * abs(history[-1])
+            first_fit = done.calibrator.W.clone()
+    assert done.calibrator is not None and not torch.equal(done.calibrator.W, first_fit)  # refitted at step 5
+
+
+def test_fit_exact_stops_at_convergence():
+    from pretrain.calibration import Calibrator
+
+    emb, present = batch(7, n=200)
+    cal = Calibrator(list(MODALITIES), D, 3, seed=1, dtype=torch.float64)
+    history = cal.fit_exact(emb, present, max_iters=3000, tol=1e-6)
+    assert len(history) < 3000  # it converged before the cap
+    assert abs(history[-1] - history[-2]) <= 1e-6 * abs(history[-2])
+    assert all(b >= a - 1e-9 for a, b in zip(history, history[1:]))
+
+
+def test_em_from_pattern_moments_equals_em_on_the_samples():
+    """fit_exact iterates on each pattern's moments: the statistics and the likelihood
+    are those of the per-sample E-step, to rounding."""
+    from pretrain.calibration import Calibrator
+
+    emb, present = batch(11, n=300)
+    by_moments = Calibrator(list(MODALITIES), D, 3, seed=2, dtype=torch.float64)
+    by_samples = Calibrator(list(MODALITIES), D, 3, seed=2, dtype=torch.float64)
+    moments = by_moments.pattern_moments(emb, present)
+    for _ in range(3):
+        stats = by_moments._statistics_from_moments(moments)
+        by_samples.reset_statistics()
+        by_samples.accumulate(emb, present, decay=1.0)
+        for name, value in stats.items():
+            assert torch.allclose(value, getattr(by_samples, name), atol=1e-9), name
+            getattr(by_moments, name).copy_(value)
+        by_moments.m_step()
+        by_samples.m_step()
+        assert abs(by_moments.log_likelihood_from_moments(moments) - by_samples.log_likelihood(emb, present)) < 1e-9
