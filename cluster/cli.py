@@ -165,21 +165,21 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 def add_benchmark_parser(sub: Any) -> None:
     import evals.benchmark
-    from evals.benchmark.presets import METHODS, PRESETS
+    from evals.benchmark.presets import METHODS, OBJECTIVES, PRESETS
 
     p = sub.add_parser(
         "benchmark",
-        help="the missing-modality benchmark: 5 methods x missing rates x seeds",
+        help="the missing-modality benchmark: stage-1 pretraining, then objectives x methods x missing rates x seeds",
         description=(evals.benchmark.__doc__ or "")
-        + "\nExtra --section.key=value arguments override every run's config "
-        "(ablations, e.g. --loss.objective=gram --calibration.latent_dim=8).",
+        + "\nExtra --section.key=value arguments override every stage-2 run's config "
+        "(ablations, e.g. --calibration.latent_dim=8).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
         "--preset",
         default="full",
         choices=sorted(PRESETS),
-        help="full (Tux Paint and synthetic), tuxpaint, synthetic, or quick (the test suite's)",
+        help="full (factors and Tux Paint), factors, tuxpaint, or quick (the test suite's)",
     )
     p.add_argument("--out", default=None, help="output folder (default runs/benchmark-PRESET); reruns resume")
     p.add_argument(
@@ -187,7 +187,17 @@ def add_benchmark_parser(sub: Any) -> None:
         action="append",
         default=[],
         metavar="NAME=DIR",
-        help="where a data set's shards are (e.g. synthetic=/tmp/syn); built there when missing",
+        help="where a data set's shards are (e.g. factors=/tmp/f); built there when missing",
+    )
+    p.add_argument(
+        "--data",
+        default=None,
+        metavar="ROOT",
+        help="any data `calmrl data build` made (ROOT/train, val, test; local or s3://), with --config",
+    )
+    p.add_argument("--config", default=None, help="with --data: the stage-1 config (towers, decoding, steps)")
+    p.add_argument(
+        "--stage2-config", default=None, help="with --data: the stage-2 config (default configs/benchmark/stage2.yaml)"
     )
     p.add_argument(
         "--cache",
@@ -196,47 +206,65 @@ def add_benchmark_parser(sub: Any) -> None:
         "(default $CALMRL_CACHE/benchmark or ~/.cache/calmrl/benchmark); named by content",
     )
     p.add_argument("--seeds", default=None, help="comma-separated seeds (default: the preset's)")
-    p.add_argument("--rates", default=None, help="comma-separated extra missing rates (default: the preset's)")
+    p.add_argument("--rates", default=None, help="comma-separated imposed missing rates (default: the preset's)")
     p.add_argument("--methods", default=None, help=f"comma-separated subset of {','.join(METHODS)}")
+    p.add_argument("--objectives", default=None, help=f"comma-separated subset of {','.join(OBJECTIVES)}")
+    p.add_argument(
+        "--tuned",
+        default=None,
+        help="YAML of values chosen on the validation split, per data set, objective and method "
+        "(default configs/benchmark/tuned.yaml; '' for none)",
+    )
+    p.add_argument(
+        "--evaluate",
+        default="test",
+        choices=("test", "val"),
+        help="the split that scores the runs (val: for choosing hyperparameters)",
+    )
+    p.add_argument(
+        "--tune",
+        action="store_true",
+        help="first choose the hyperparameters on the validation split (Ray Tune sweeps, the same "
+        "budget per method; see cluster/sweep/benchmark.py), then run the benchmark with them",
+    )
+    p.add_argument("--tune-trials", type=int, default=8, help="with --tune: trials per data set, objective and method")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default 1: on a small shared machine more threads wait on each other)",
+    )
 
 
 def cmd_benchmark(args: argparse.Namespace, overrides: list[str] | None = None) -> int:
-    """`overrides` (--section.key=value) apply to every run, after the preset's own."""
-    from dataclasses import replace
-
-    from evals.benchmark.presets import METHODS, PRESETS
+    """`overrides` (--section.key=value) apply to every stage-2 run, after the preset's own."""
+    from evals.benchmark.presets import PRESETS, customise
     from evals.benchmark.runs import run_benchmark
     from pretrain.runtime import configure_runtime
 
-    configure_runtime()
-    preset = PRESETS[args.preset]
-    roots = {}
-    for item in args.data_root:
-        name, sep, root = item.partition("=")
-        if not sep or name not in {d.name for d in preset.datasets}:
-            raise SystemExit(
-                f"calmrl benchmark: --data-root '{item}': expected NAME=DIR with NAME one of "
-                f"{', '.join(d.name for d in preset.datasets)}"
-            )
-        roots[name] = root
-    changes: dict[str, Any] = {
-        "datasets": tuple(replace(d, root=roots.get(d.name, d.root)) for d in preset.datasets),
-        "overrides": (*preset.overrides, *(overrides or [])),
-    }
-    if args.seeds:
-        changes["seeds"] = tuple(int(s) for s in args.seeds.split(","))
-    if args.rates:
-        changes["rates"] = tuple(float(r) for r in args.rates.split(","))
-    if args.methods:
-        methods = tuple(args.methods.split(","))
-        unknown = set(methods) - set(METHODS)
-        if unknown:
-            raise SystemExit(
-                f"calmrl benchmark: unknown method(s) {', '.join(sorted(unknown))}; choose from {', '.join(METHODS)}"
-            )
-        changes["methods"] = methods
-    preset = replace(preset, **changes)
-    run_benchmark(preset, Path(args.out or f"runs/benchmark-{args.preset}"), Path(args.cache) if args.cache else None)
+    configure_runtime(threads=args.threads)
+    preset = customise(
+        PRESETS[args.preset],
+        roots=args.data_root,
+        data=args.data,
+        stage1=args.config,
+        stage2=args.stage2_config,
+        seeds=args.seeds,
+        rates=args.rates,
+        methods=args.methods,
+        objectives=args.objectives,
+        tuned=args.tuned,
+        overrides=overrides or [],
+    )
+    out = Path(args.out or f"runs/benchmark-{args.preset if not args.data else Path(args.data).name}")
+    if args.tune:
+        from dataclasses import replace
+
+        from cluster.sweep.benchmark import tune_benchmark
+
+        tuned = tune_benchmark(args.preset, preset, out / "tuning", args.tune_trials, cache=args.cache or "")
+        preset = replace(preset, tuned=str(tuned))
+    run_benchmark(preset, out, Path(args.cache) if args.cache else None, evaluation=args.evaluate)
     return 0
 
 
@@ -254,7 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--source",
         required=True,
         choices=sorted(SOURCES),
-        help="synthetic (generated), tuxpaint (the built-in real data set, a Debian package), "
+        help="synthetic (generated shapes), factors (generated: continuous latent factors, partial noisy views), "
+        "tuxpaint (the built-in real data set, a Debian package), "
         "folder (NAME.png/.txt/.wav files), jsonl (a manifest)",
     )
     build.add_argument("--out", required=True, help="output folder (train/, val/, test/, tokenizer.json)")
@@ -274,8 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument(
         "--skip-bad", action="store_true", help="count and skip records whose files do not decode, instead of stopping"
     )
-    build.add_argument("--num-samples", type=int, default=None, help="synthetic only (default 2000)")
-    build.add_argument("--image-size", type=int, default=None, help="synthetic only (default 32)")
+    build.add_argument("--num-samples", type=int, default=None, help="synthetic / factors only (default 2000 / 8000)")
+    build.add_argument("--image-size", type=int, default=None, help="synthetic / factors only (default 32)")
     build.add_argument(
         "--missing",
         default=None,

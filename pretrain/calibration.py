@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from copy import deepcopy
 from dataclasses import dataclass
 from typing import Any
 
@@ -604,6 +605,12 @@ class Calibrator(torch.nn.Module):
         return float(total.sum() / n.sum().clamp_min(1.0))
 
     # ----------------------------------------------------------- inspection
+
+    def converted(self, dtype: torch.dtype) -> Calibrator:
+        """A copy whose state, statistics and arithmetic are in `dtype` (e.g. float64 for an exact fit)."""
+        copy = deepcopy(self)
+        copy.dtype = dtype
+        return copy.to(dtype)
 
     def params(self) -> dict[str, tuple[Tensor, Tensor, float]]:
         """modality -> (W [d, k], mu [d], sigma2), copies of the current state."""

@@ -316,8 +316,13 @@ def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
-    """Load a YAML preset, apply `--a.b=value` overrides, check types and ranges."""
+def load_config(
+    path: str | Path | None, overrides: list[str] | None = None, base: dict[str, Any] | None = None
+) -> Config:
+    """Load a YAML preset, apply `--a.b=value` overrides, check types and ranges.
+
+    `base` (a partial config tree) sits under the file: the file's keys win over
+    it, the overrides over both."""
     tree: dict[str, Any] = {}
     source = "<defaults>"
     if path is not None:
@@ -329,6 +334,8 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
         tree = loaded or {}
+    if base:
+        tree = deep_merge(base, tree)
     cfg = _build(Config, tree, "", source)
     if overrides:
         over_source = f"{source} (command-line overrides)"

@@ -112,34 +112,48 @@ def _build_conv1d(cfg: TowerConfig, data: DataConfig, vocab_size: int) -> Tower:
 
 class FeatureTower(Tower):
     """Precomputed features [N, dim] (e.g. a frozen backbone's outputs, cached
-    once by `calmrl benchmark`): LayerNorm, then `depth` GELU layers of `width`
-    (depth 0: the normalised features themselves; the model's head follows)."""
+    once by `calmrl benchmark`): LayerNorm (unless `norm` is false), then `depth`
+    GELU layers of `width` (depth 0: the features themselves; the model's head
+    follows). With `residual` the layers are an adapter x + MLP(x) whose last
+    layer starts at zero: the tower starts as the identity, so continued
+    training over a frozen backbone starts exactly where the backbone left off."""
 
-    def __init__(self, modality: str, dim: int, width: int, depth: int):
+    def __init__(self, modality: str, dim: int, width: int, depth: int, norm: bool = True, residual: bool = False):
         super().__init__()
         self.modality = modality
-        layers: list[nn.Module] = [nn.LayerNorm(dim)]
+        self.residual = residual
+        layers: list[nn.Module] = [nn.LayerNorm(dim)] if norm else []
         channels = dim
         for _ in range(depth):
             layers += [nn.Linear(channels, width), nn.GELU()]
             channels = width
+        if residual and depth:
+            last = nn.Linear(channels, dim)
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(last.bias)
+            layers.append(last)
+            channels = dim
         self.body = nn.Sequential(*layers)
         self.out_dim = channels
 
     def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.body(inputs[self.modality].float())
+        x = inputs[self.modality].float()
+        return x + self.body(x) if self.residual else self.body(x)
 
 
 def _feature_builder(modality: str) -> Builder:
     def build(cfg: TowerConfig, data: DataConfig, vocab_size: int) -> Tower:
         dim = cfg.options.get("dim")
-        unknown = set(cfg.options) - {"dim"}
+        unknown = set(cfg.options) - {"dim", "norm", "residual"}
         if not isinstance(dim, int) or dim < 1 or unknown:
             raise ValueError(
-                f"{modality} tower 'features' needs options {{dim: N}} (the feature size) and "
-                f"nothing else; got {cfg.options}"
+                f"{modality} tower 'features' needs options {{dim: N}} (the feature size), optionally "
+                f"norm (bool) and residual (bool), nothing else; got {cfg.options}"
             )
-        return FeatureTower(modality, dim, cfg.width, cfg.depth)
+        norm, residual = cfg.options.get("norm", True), cfg.options.get("residual", False)
+        if not isinstance(norm, bool) or not isinstance(residual, bool):
+            raise ValueError(f"{modality} tower 'features': norm and residual must be true or false; got {cfg.options}")
+        return FeatureTower(modality, dim, cfg.width, cfg.depth, norm=norm, residual=residual)
 
     return build
 

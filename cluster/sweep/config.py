@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from data_pipeline.storage import is_remote
+from evals.benchmark.tuning import BenchmarkTrial, resolve
 from pretrain.config import Config, ConfigError, build_section, config_from_dict, deep_merge, load_config, nest_dotted
 
 DISTRIBUTIONS = ("loguniform", "uniform", "randint")
@@ -37,6 +38,11 @@ class AshaConfig:
 
 @dataclass
 class SweepConfig:
+    # "train": every trial a distributed training run of base_config (on shards), scored on
+    # eval_split; "benchmark": every trial a stage-2 run of `calmrl benchmark` (the `benchmark`
+    # section says which), scored on the benchmark's validation split.
+    kind: str = "train"
+    benchmark: BenchmarkTrial = field(default_factory=BenchmarkTrial)
     base_config: str = ""
     out_dir: str = ""
     search: str = "grid"
@@ -102,20 +108,27 @@ def load_sweep(path: str | Path, check_params: bool = True) -> SweepConfig:
     """Read and check a sweep file; paths become absolute. With `check_params`
     the base config is loaded and every swept value is tried on it."""
     path = Path(path)
-    source = str(path)
     if not path.is_file():
         raise SweepError(f"sweep file not found: {path}")
-    tree = yaml.safe_load(path.read_text())
+    return sweep_from_dict(yaml.safe_load(path.read_text()), str(path), check_params)
+
+
+def sweep_from_dict(tree: Any, source: str, check_params: bool = True) -> SweepConfig:
+    """A checked SweepConfig from the tree of a sweep file (see `load_sweep`)."""
     if not isinstance(tree, dict):
         raise SweepError(f"{source}: the top level must be a mapping")
     try:
         sweep: SweepConfig = build_section(SweepConfig, tree, source)  # unknown keys and wrong types
     except ConfigError as exc:
         raise SweepError(str(exc)) from None
-    if not sweep.base_config:
-        raise SweepError(f"{source}: 'base_config' (a calmrl config file) is required")
+    if sweep.kind not in ("train", "benchmark"):
+        raise SweepError(f"{source}: 'kind' must be train or benchmark (got {sweep.kind!r})")
     if not sweep.out_dir:
         raise SweepError(f"{source}: 'out_dir' (the sweep folder) is required")
+    if sweep.kind == "benchmark":
+        _check_benchmark(sweep, source)
+    if not sweep.base_config:
+        raise SweepError(f"{source}: 'base_config' (a calmrl config file) is required")
     if sweep.search not in ("grid", "random"):
         raise SweepError(f"{source}: 'search' must be grid or random (got {sweep.search!r})")
     if not sweep.params:
@@ -135,11 +148,13 @@ def load_sweep(path: str | Path, check_params: bool = True) -> SweepConfig:
         sweep.cpus_per_worker = 1.0 if sweep.use_gpu else 0.5
     if not sweep.metric:
         sweep.metric = "val/mean_R@1" if sweep.eval_split else "loss"
+        if sweep.kind == "benchmark":
+            sweep.metric = "val/own_R@1"
     if not sweep.mode:
         sweep.mode = "max" if sweep.metric.startswith("val/") else "min"
     if sweep.mode not in ("min", "max") or sweep.asha.mode not in ("min", "max"):
         raise SweepError(f"{source}: 'mode' and 'asha.mode' must be min or max")
-    if sweep.metric.startswith("val/") and not sweep.eval_split:
+    if sweep.metric.startswith("val/") and not sweep.eval_split and sweep.kind == "train":
         raise SweepError(f"{source}: metric '{sweep.metric}' needs an 'eval_split'")
     if sweep.asha.enabled:
         if sweep.asha.metric not in STEP_METRICS:
@@ -173,6 +188,27 @@ def load_sweep(path: str | Path, check_params: bool = True) -> SweepConfig:
     return sweep
 
 
+def _check_benchmark(sweep: SweepConfig, source: str) -> None:
+    """A benchmark sweep: its trial is resolvable; base_config defaults to the data set's
+    stage-2 config (so swept keys are checked against it); stage 1 lives in benchmark.out."""
+    trial = sweep.benchmark
+    try:
+        _, spec = resolve(trial)
+    except ValueError as exc:
+        raise SweepError(f"{source}: {exc}") from None
+    from evals.benchmark.presets import METHODS, OBJECTIVES
+
+    if trial.objective not in OBJECTIVES or trial.method not in METHODS:
+        raise SweepError(
+            f"{source}: benchmark.objective must be one of {', '.join(OBJECTIVES)} and "
+            f"benchmark.method one of {', '.join(METHODS)}"
+        )
+    sweep.base_config = sweep.base_config or spec.stage2
+    trial.out = _abs(trial.out or str(Path(sweep.out_dir) / "stage1"))
+    trial.data_roots = {k: _abs(v) for k, v in trial.data_roots.items()}
+    trial.cache = _abs(trial.cache)
+
+
 def trial_base_config(sweep: SweepConfig) -> dict[str, Any]:
     """The base config plus the fixed overrides, as a plain tree with absolute local paths."""
     cfg = load_config(sweep.base_config)
@@ -198,4 +234,6 @@ def plan_fingerprint(sweep: SweepConfig) -> dict[str, Any]:
         "workers_per_trial": sweep.workers_per_trial,
         "eval_split": sweep.eval_split,
         "asha": dataclasses.asdict(sweep.asha),
+        "kind": sweep.kind,
+        "benchmark": dataclasses.asdict(sweep.benchmark) if sweep.kind == "benchmark" else {},
     }

@@ -13,7 +13,7 @@ from typing import Any
 
 from cluster.sweep.config import SweepConfig, SweepError, load_sweep, plan_fingerprint
 from cluster.sweep.report import result_rows, write_results
-from cluster.sweep.worker import run_trial
+from cluster.sweep.worker import run_benchmark_trial, run_trial
 from data_pipeline.atomic import atomic_write_json
 
 
@@ -39,7 +39,7 @@ def trial_dirname(trial: Any) -> str:
 # ---------------------------------------------------------------------------
 # Running the sweep
 # ---------------------------------------------------------------------------
-def _loopback_only() -> None:
+def loopback_only() -> None:
     """Make a local Ray instance use 127.0.0.1 for every node address.
 
     Ray 2.60 turns `_node_ip_address="127.0.0.1"` into the machine's external
@@ -69,7 +69,7 @@ def start_ray(sweep: SweepConfig) -> None:
         if not ray.is_initialized():
             ray.init(runtime_env=runtime_env)  # join the cluster (as under a KubeRay RayJob)
         return
-    _loopback_only()
+    loopback_only()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
 
@@ -130,8 +130,9 @@ def build_tuner(sweep: SweepConfig, restore: bool) -> Any:
         "workers_per_trial": sweep.workers_per_trial,
         "use_gpu": sweep.use_gpu,
         "cpus_per_worker": sweep.cpus_per_worker,
+        "benchmark": fingerprint["benchmark"],
     }
-    trainable = tune.with_parameters(run_trial, plan=plan)
+    trainable = tune.with_parameters(run_benchmark_trial if sweep.kind == "benchmark" else run_trial, plan=plan)
     if restore:
         print(f"sweep: resuming {exp_dir}", file=sys.stderr)
         return tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True, resume_errored=True)
@@ -167,13 +168,20 @@ def build_tuner(sweep: SweepConfig, restore: bool) -> Any:
     )
 
 
-def run_sweep(path: str | Path, resume: str = "auto") -> tuple[SweepConfig, list[dict[str, Any]], dict[str, Path]]:
-    """Run (or resume) the sweep of a sweep file; write and return the results."""
+def run_sweep(
+    path: str | Path | SweepConfig, resume: str = "auto"
+) -> tuple[SweepConfig, list[dict[str, Any]], dict[str, Path]]:
+    """Run (or resume) the sweep of a sweep file (or an already checked SweepConfig);
+    write and return the results."""
     if not os.environ.get("RAY_ADDRESS"):
-        _loopback_only()  # before Ray is imported
+        loopback_only()  # before Ray is imported
     import ray
 
-    sweep = load_sweep(path)
+    sweep = path if isinstance(path, SweepConfig) else load_sweep(path)
+    if sweep.kind == "benchmark":  # the trials' shared stage-1 run, made once before any trial starts
+        from evals.benchmark.tuning import prepare
+
+        prepare(sweep.benchmark)
     restore = should_restore(sweep, resume)
     started_here = not ray.is_initialized()
     start_ray(sweep)

@@ -12,6 +12,7 @@ carries one).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -109,3 +110,20 @@ def run_trial(params: dict[str, Any], plan: dict[str, Any]) -> None:
         ),
     )
     trainer.fit()
+
+
+def run_benchmark_trial(params: dict[str, Any], plan: dict[str, Any]) -> None:
+    """A Tune function trainable of a benchmark sweep: one stage-2 run scored on the
+    validation split (evals.benchmark.tuning), in this worker process."""
+    import ray.tune
+
+    from evals.benchmark.tuning import BenchmarkTrial, run_trial
+    from pretrain.runtime import configure_runtime
+
+    configure_runtime(threads=1)  # one CPU per trial: concurrent trials must not fight over cores
+    # Each trial is a process group of its own: forget the driver's (inherited through Ray),
+    # or concurrent trials would all bind the driver's MASTER_PORT.
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        os.environ.pop(name, None)
+    trial_id = ray.tune.get_context().get_trial_id()
+    ray.tune.report(run_trial(BenchmarkTrial(**plan["benchmark"]), params, Path(plan["runs_dir"]) / trial_id))

@@ -65,6 +65,7 @@ def _lazy(module: str, name: str) -> Builder:
 
 SOURCES: dict[str, Builder] = {
     "synthetic": _lazy("data_pipeline.sources.common", "build_synthetic_source"),
+    "factors": _lazy("data_pipeline.factors", "build_factors_source"),
     "tuxpaint": _lazy("data_pipeline.sources.tuxpaint", "build_tuxpaint"),
     "folder": _lazy("data_pipeline.sources.folder", "build_folder"),
     "jsonl": _lazy("data_pipeline.sources.jsonl", "build_jsonl"),

@@ -159,3 +159,20 @@ def embed_memory(
         for m in MODALITIES:
             out[m].append(emb[m].float().cpu())
     return {m: torch.cat(v) for m, v in out.items()}
+
+
+@torch.no_grad()
+def tower_outputs(
+    model: MultiModalModel, split: MemorySplit, device: torch.device, batch_size: int = 256
+) -> MemorySplit:
+    """The split as its towers' outputs (what the heads read): the inputs of continued
+    training over frozen towers. A modality a sample lacks gets zeros."""
+    parts: dict[str, list[torch.Tensor]] = {m: [] for m in MODALITIES}
+    for start in range(0, len(split), batch_size):
+        rows = torch.arange(start, min(start + batch_size, len(split)))
+        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in split.batch(rows).items()}
+        for j, m in enumerate(MODALITIES):
+            inputs = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor) and k.split("_")[0] == m}
+            out = model.towers[m](inputs).float()
+            parts[m].append((out * batch["present"][:, j : j + 1].to(out.dtype)).cpu())
+    return MemorySplit({m: torch.cat(v) for m, v in parts.items()}, split.present, split.keys, split.label)

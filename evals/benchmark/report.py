@@ -1,4 +1,11 @@
-"""The benchmark's report: tables (Markdown), every run (JSON, CSV), and a plot."""
+"""The benchmark's report: tables in the paper's layout (Markdown), every run (JSON, CSV), a plot.
+
+Per data set: one headline table (rows: objective x method, columns: missing
+rates; each cell "own rule / cosine" R@1, mean ± std over seeds) with the
+stage-1 start, the ceiling and chance; the paired differences CalMRL minus
+each baseline with 95% intervals; anchor shift and imputation error per
+missing pattern; and the goal checks.
+"""
 
 from __future__ import annotations
 
@@ -11,123 +18,203 @@ from typing import Any
 
 from data_pipeline.atomic import atomic_save_figure, atomic_write
 from evals.benchmark.aggregate import aggregate, goal_verdicts
-from evals.benchmark.presets import METHODS
+from evals.benchmark.presets import METHODS, Preset
+from evals.benchmark.stats import Summary
 
 
-def _cell(stat: list[float] | None) -> str:
-    if stat is None or math.isnan(stat[0]):
+def _cell(s: Summary | None, digits: int = 3) -> str:
+    if s is None or not s.n or math.isnan(s.mean):
         return "-"
-    return f"{stat[0]:.3f} ± {stat[1]:.3f}"
+    return f"{s.mean:.{digits}f} ± {s.std:.{digits}f}"
 
 
-def markdown(summary: dict[str, Any], verdicts: list[dict[str, Any]], rates: list[str]) -> str:
+def _both(cell: dict[str, Summary]) -> str:
+    own, cos = cell.get("own_R@1"), cell.get("cos_R@1")
+    return f"{_cell(own)} / {_cell(cos)}"
+
+
+def _diff(s: Summary) -> str:
+    if not s.n or math.isnan(s.mean):
+        return "-"
+    mark = " ✔" if s.above_zero else (" ✘" if s.below_zero else "")
+    return f"{s.mean:+.4f} [{s.low:+.4f}, {s.high:+.4f}]{mark}"
+
+
+def markdown(report: dict[str, Any]) -> str:
     lines: list[str] = []
-    for dataset, methods in summary.items():
+    rates = report["rates"]
+    for dataset, parts in report["summary"].items():
+        info = report["datasets"].get(dataset, {})
+        ceiling = info.get("ceiling") or {}
         lines += [
-            f"### {dataset}: mean R@1 over the six modality pairs (complete test instances; mean ± std over seeds)",
+            f"### {dataset}: R@1 on the {info.get('n_eval', '?')} complete {info.get('split', 'test')} instances, "
+            "own rule / cosine (mean ± std over seeds)",
             "",
-            "| method | " + " | ".join(f"missing {r}" for r in rates) + " |",
-            "|---|" + "---|" * len(rates),
         ]
-        for method in METHODS:
-            if method not in methods:
-                continue
-            if method == "oracle":
-                cells = [_cell(next(iter(methods[method].values()))["mean_R@1"])] * len(rates)
-            else:
-                cells = [_cell(methods[method].get(r, {}).get("mean_R@1")) for r in rates]
-            lines.append(f"| {method} | " + " | ".join(cells) + " |")
-        cal = methods.get("calmrl", {})
-        if cal:
-            lines += [
-                "",
-                f"{dataset}, CalMRL runs: mean anchor shift over missing patterns and mean imputation "
-                "cosine distance over hidden modalities",
-                "",
-                "| missing | anchor shift observed-only | anchor shift calibrated | "
-                "imputation CalMRL | mean-fill | random-fill |",
-                "|---|---|---|---|---|---|",
-            ]
-            for r in rates:
-                c = cal.get(r, {})
+        facts = [
+            f"chance {info['chance']:.4f}" if info.get("chance") else "",
+            f"ceiling (retrieval by what the modalities carry): cosine pairs {ceiling['mean_R@1']:.3f}, "
+            f"joint {0.5 * (ceiling['joint:anchor->data'] + ceiling['joint:data->anchor']):.3f}"
+            if ceiling
+            else "",
+        ]
+        lines += ["; ".join(f for f in facts if f) + ".", ""]
+        lines += [
+            "| objective | method | " + " | ".join(f"missing {r}" for r in rates) + " |",
+            "|---|---|" + "---|" * len(rates),
+        ]
+        s1 = parts["stage1"]
+        if s1:
+            lines.append(
+                "| pairwise | stage 1 (start of every run) | "
+                + " | ".join(f"{_cell(s1.get('cos_R@1'))} / {_cell(s1.get('cos_R@1'))}" for _ in rates)
+                + " |"
+            )
+        for objective, methods in parts["cells"].items():
+            for method in (m for m in METHODS if m in methods):
                 lines.append(
-                    f"| {r} | "
-                    + " | ".join(
-                        _cell(c.get(k))
-                        for k in (
-                            "anchor_shift_observed",
-                            "anchor_shift_calibrated",
-                            "imputation_cos_calmrl",
-                            "imputation_cos_mean_fill",
-                            "imputation_cos_random_fill",
-                        )
-                    )
-                    + " |"
+                    f"| {objective} | {method} | " + " | ".join(_both(methods[method][r]) for r in rates) + " |"
                 )
         lines.append("")
-    if verdicts:
+        if parts["paired"]:
+            lines += [
+                f"{dataset}: paired difference CalMRL minus baseline, own-rule R@1, per seed: mean "
+                "[95% interval] (✔ above zero, ✘ below)",
+                "",
+                "| objective | baseline | " + " | ".join(f"missing {r}" for r in rates) + " |",
+                "|---|---|" + "---|" * len(rates),
+            ]
+            for objective, baselines in parts["paired"].items():
+                for baseline, by_rate in baselines.items():
+                    lines.append(
+                        f"| {objective} | {baseline} | "
+                        + " | ".join(_diff(by_rate[r]["own_R@1"]) for r in rates)
+                        + " |"
+                    )
+            lines.append("")
+        for objective, by_rate in parts["shift"].items():
+            lines += [
+                f"{dataset}, {objective}, CalMRL runs: anchor shift per observed pattern on complete "
+                "evaluation instances, local / calibrated (run's state) / calibrated (exact refit)",
+                "",
+                "| observed | " + " | ".join(f"missing {r}" for r in rates) + " |",
+                "|---|" + "---|" * len(rates),
+            ]
+            for pattern in next(iter(by_rate.values()), {}):
+                cells = [
+                    " / ".join(
+                        f"{by_rate[r][pattern][k].mean:.3f}" if by_rate[r][pattern][k].n else "-"
+                        for k in ("observed_only", "calibrated", "calibrated_refit")
+                    )
+                    for r in rates
+                ]
+                lines.append(f"| {pattern} | " + " | ".join(cells) + " |")
+            lines.append("")
+            fills = parts["impute"][objective]
+            lines += [
+                f"{dataset}, {objective}, CalMRL runs: imputation error (cosine distance) of the hidden "
+                "modalities per observed pattern, CalMRL / exact refit / mean-fill / random-fill",
+                "",
+                "| observed | " + " | ".join(f"missing {r}" for r in rates) + " |",
+                "|---|" + "---|" * len(rates),
+            ]
+            for pattern in next(iter(fills.values()), {}):
+                cells = [
+                    " / ".join(
+                        f"{fills[r][pattern][k].mean:.3f}" if fills[r][pattern][k].n else "-"
+                        for k in ("calmrl", "calmrl_refit", "mean_fill", "random_fill")
+                    )
+                    for r in rates
+                ]
+                lines.append(f"| {pattern} | " + " | ".join(cells) + " |")
+            lines.append("")
+    if report["goal"]:
         lines += [
-            "### Goal (CalMRL better by more than the seed spread)",
+            "### Goal checks",
             "",
-            "| data set | missing | versus | margin | spread | met |",
+            "| data set | objective | missing | check | value | met |",
             "|---|---|---|---|---|---|",
         ]
-        for v in verdicts:
+        for v in report["goal"]:
+            value = (
+                f"{v['value']:+.4f} [{v['low']:+.4f}, {v['high']:+.4f}]"
+                if "R@1" in v["check"]
+                else f"{v['value']:.0f} of {v['high']:.0f} patterns"
+                + (f" (not: {', '.join(v['failing'])})" if v.get("failing") else "")
+            )
             lines.append(
-                f"| {v['dataset']} | {v['rate']} | {v['versus']} | {v['margin']:+.3f} | "
-                f"{v['spread']:.3f} | {'yes' if v['met'] else 'no'} |"
+                f"| {v['dataset']} | {v['objective']} | {v['rate']} | {v['check']} | {value} | "
+                f"{'yes' if v['met'] else 'no'} |"
             )
     return "\n".join(lines) + "\n"
 
 
-def plot(summary: dict[str, Any], path: Path) -> None:
+def plot(report: dict[str, Any], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(summary), figsize=(6 * len(summary), 4.2), squeeze=False)
-    for ax, (dataset, methods) in zip(axes[0], summary.items()):
-        for method in METHODS:
-            if method not in methods:
-                continue
+    summary = report["summary"]
+    panels = [(d, o) for d, parts in summary.items() for o in parts["cells"]]
+    if not panels:
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4.0), squeeze=False)
+    rates = [float(r) for r in report["rates"]]
+    for ax, (dataset, objective) in zip(axes[0], panels):
+        methods = summary[dataset]["cells"][objective]
+        for method in (m for m in METHODS if m in methods):
+            means = [methods[method][f"{r:g}"]["own_R@1"].mean for r in rates]
+            stds = [methods[method][f"{r:g}"]["own_R@1"].std for r in rates]
             if method == "oracle":
-                mean, std, _ = next(iter(methods[method].values()))["mean_R@1"]
-                ax.axhline(mean, color="black", ls="--", label=f"oracle (complete data) {mean:.3f}")
-                ax.axhspan(mean - std, mean + std, color="black", alpha=0.08)
+                ax.axhline(means[0], color="black", ls="--", label=f"oracle {means[0]:.3f}")
                 continue
-            rates = sorted(methods[method], key=float)
             ax.errorbar(
-                [float(r) for r in rates],
-                [methods[method][r]["mean_R@1"][0] for r in rates],
-                yerr=[methods[method][r]["mean_R@1"][1] for r in rates],
-                marker="o",
-                capsize=3,
-                label=method,
-                lw=2.5 if method == "calmrl" else 1.2,
+                rates, means, yerr=stds, marker="o", capsize=3, label=method, lw=2.5 if method == "calmrl" else 1.2
             )
-        ax.set_title(f"{dataset}: mean R@1 (test, complete)")
-        ax.set_xlabel("extra missing rate imposed on the training split")
-        ax.set_ylabel("mean R@1 over 6 modality pairs")
+        stage1 = summary[dataset]["stage1"].get("cos_R@1")
+        if stage1 is not None and stage1.n:
+            ax.axhline(stage1.mean, color="grey", ls=":", label=f"stage 1 (cosine) {stage1.mean:.3f}")
+        ax.set_title(f"{dataset}: {objective}", fontsize=10)
+        ax.set_xlabel("imposed missing rate")
+        ax.set_ylabel("R@1, the objective's own rule")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
     fig.tight_layout()
-    atomic_save_figure(fig, path, dpi=120)
+    atomic_save_figure(fig, path, dpi=110)
     plt.close(fig)
 
 
-def write_report(results: list[dict[str, Any]], out: Path, rates: list[str]) -> tuple[dict[str, Any], list]:
-    summary = aggregate(results)
-    verdicts = goal_verdicts(summary)
-    atomic_write(out / "benchmark.json", json.dumps({"summary": summary, "goal": verdicts, "runs": results}, indent=1))
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Summary):
+        return value.to_dict()
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def write_report(results: list[dict[str, Any]], out: Path, preset: Preset, datasets: dict[str, Any]) -> dict[str, Any]:
+    """benchmark.json (every run and every summary), .csv (one row per run), .md and .png."""
+    summary = aggregate(results, preset.rates)
+    report = {
+        "rates": [f"{r:g}" for r in preset.rates],
+        "summary": summary,
+        "datasets": datasets,
+        "goal": goal_verdicts(summary),
+        "runs": results,
+    }
+    atomic_write(out / "benchmark.json", json.dumps(_jsonable(report), indent=1))
     columns = sorted({k for r in results for k in r["summary"]})
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["dataset", "method", "rate", "seed", "train_samples", "steps", "train_s", *columns])
+    writer.writerow(["dataset", "objective", "method", "rate", "seed", "train_samples", "steps", "train_s", *columns])
     for r in results:
         writer.writerow(
             [
                 r["dataset"],
+                r["objective"],
                 r["method"],
                 r["rate"],
                 r["seed"],
@@ -138,6 +225,6 @@ def write_report(results: list[dict[str, Any]], out: Path, rates: list[str]) -> 
             ]
         )
     atomic_write(out / "benchmark.csv", buffer.getvalue())
-    atomic_write(out / "benchmark.md", markdown(summary, verdicts, rates))
-    plot(summary, out / "benchmark.png")
-    return summary, verdicts
+    atomic_write(out / "benchmark.md", markdown(report))
+    plot(report, out / "benchmark.png")
+    return report

@@ -8,7 +8,11 @@ from pretrain.config import ConfigError, load_config, parse_overrides
 from tests.helpers import REPO
 
 
-@pytest.mark.parametrize("preset", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "preset",
+    sorted({*(REPO / "configs").glob("*.yaml"), *(REPO / "configs/benchmark").glob("*_stage*.yaml")}),
+    ids=lambda p: p.name,
+)
 def test_presets_load(preset):
     cfg = load_config(preset)
     assert cfg.train.steps > 0 and cfg.data.batch_size > 0
