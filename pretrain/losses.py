@@ -188,6 +188,12 @@ def gram_volumes(anchors: torch.Tensor, data: torch.Tensor, data_available: torc
     both = data_available.unsqueeze(-1) & data_available.unsqueeze(-2)
     eye = torch.eye(k, dtype=dd.dtype, device=dd.device)
     dd = torch.where(both, dd, eye)
+    if k == 2:  # three modalities: the 3x3 determinant expanded on [P, Q] tensors, no [P, Q, 3, 3] Gram
+        ax, ay = cross[..., 0], cross[..., 1]
+        xx, yy, xy = dd[:, 0, 0], dd[:, 1, 1], dd[:, 0, 1]
+        a = aa[:, None]
+        det = a * (xx * yy - xy * xy) - ax * (ax * yy - xy * ay) + ay * (ax * xy - xx * ay)
+        return det.clamp_min(eps).sqrt()
     top = torch.cat([aa[:, None, None].expand(p, q, 1), cross], -1)  # [P, Q, K+1]
     bottom = torch.cat([cross.unsqueeze(-1), dd.unsqueeze(0).expand(p, q, k, k)], -1)  # [P, Q, K, K+1]
     gram = torch.cat([top.unsqueeze(-2), bottom], -2)  # [P, Q, K+1, K+1]
