@@ -132,7 +132,10 @@ class Completion(torch.nn.Module):
                 m: torch.where(present[:, i : i + 1], emb[m], imputed[m].to(emb[m].dtype))
                 for i, m in enumerate(self.modalities)
             }
-        return Completed(completed, present, has_any.expand_as(present))
+        # Rows with fewer than impute_min_observed modalities keep only what they have:
+        # imputations from a single vector add nothing beyond that vector (docs/benchmark.md).
+        enough = present.sum(1, keepdim=True) >= self.cfg.impute_min_observed
+        return Completed(completed, present, torch.where(enough, has_any, present))
 
     def end_step(self, step: int) -> None:
         """After optimizer step `step` (1-based count of finished steps): an exact

@@ -81,6 +81,9 @@ class CalibrationConfig:
     update_every: int = 1  # M-step every N optimizer steps
     warmup_steps: int = 10  # observed-only alignment while the calibrator is fitted
     grad_through_imputation: bool = True  # gradient from imputed vectors into observed encoders
+    # Impute only rows that hold at least this many modalities (1: every row). With 2 a row
+    # holding one modality (e.g. text only) is not completed from itself: it stays local.
+    impute_min_observed: int = 1
     normalize_imputed: bool = True
     sigma2_floor: float = 1.0e-4
     init_scale: float = 0.1
@@ -175,6 +178,7 @@ class Config:
             (self.calibration.latent_dim >= 1, "calibration.latent_dim", "must be >= 1"),
             (0.0 < self.calibration.decay <= 1.0, "calibration.decay", "must lie in (0, 1]"),
             (self.calibration.update_every >= 1, "calibration.update_every", "must be >= 1"),
+            (self.calibration.impute_min_observed >= 1, "calibration.impute_min_observed", "must be >= 1"),
             (self.calibration.exact_fit_batches >= 1, "calibration.exact_fit_batches", "must be >= 1"),
             (self.calibration.exact_fit_iters >= 1, "calibration.exact_fit_iters", "must be >= 1"),
             (self.calibration.refit_every >= 0, "calibration.refit_every", "must be >= 0"),

@@ -42,16 +42,17 @@ class BenchmarkTrial:
 
 def search_space(objective: str, method: str) -> dict[str, Any]:
     """The hyperparameters searched for one objective and method (a sweep's `params`)."""
-    space: dict[str, Any] = {"train.lr": {"loguniform": [1.0e-4, 2.0e-3]}}
+    space: dict[str, Any] = {"train.lr": {"loguniform": [2.0e-4, 2.0e-3]}}
     if objective in ("gram", "pmrl"):
-        space["loss.pairwise_weight"] = [0.25, 0.5, 1.0, 2.0]
+        space["loss.pairwise_weight"] = [0.5, 1.0, 2.0]
     if objective == "pmrl":
-        space["loss.pmrl_tau1"] = [0.01, 0.05, 0.1]
+        space["loss.pmrl_tau1"] = [0.2, 0.5, 1.0]
     if objective == "pairwise" and method in ("calmrl", "mean_fill"):
         space["loss.imputed_pair_weight"] = [0.3, 1.0]
     if method == "calmrl":
         space["calibration.latent_dim"] = [8, 16, 32]
         space["calibration.grad_through_imputation"] = [False, True]
+        space["calibration.impute_min_observed"] = [1, 2]
     return space
 
 

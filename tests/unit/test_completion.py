@@ -157,3 +157,15 @@ def test_em_from_pattern_moments_equals_em_on_the_samples():
         by_moments.m_step()
         by_samples.m_step()
         assert abs(by_moments.log_likelihood_from_moments(moments) - by_samples.log_likelihood(emb, present)) < 1e-9
+
+
+def test_rows_with_too_few_modalities_are_not_imputed():
+    """impute_min_observed 2: a row holding one modality stays as it is (local)."""
+    emb, present = batch()
+    done = completion("calmrl", warmup_steps=0, impute_min_observed=2).complete(emb, present, step=0)
+    single = present.sum(1) == 1  # row 0: image only
+    assert torch.equal(done.available[single], present[single])
+    pairs = present.sum(1) == 2
+    assert done.available[pairs].all()  # rows with two modalities are completed
+    every = completion("calmrl", warmup_steps=0).complete(emb, present, step=0)
+    assert every.available[single].all()
