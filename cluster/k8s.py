@@ -411,7 +411,7 @@ def render_sweep(cfg: Config, opts: K8sOptions, sweep_path: str | Path) -> list[
     load_sweep(sweep_path, check_params=False)  # fail here on a malformed sweep file
     sweep_tree = yaml.safe_load(Path(sweep_path).read_text())
     sweep_tree["base_config"] = CONFIG_PATH
-    # Trials' own metrics endpoints (if the config enables them) take free ports: see cluster/sweep.py.
+    # Trials' own metrics endpoints (if the config enables them) take free ports: see cluster/sweep/config.py.
     return [config_map(opts, {"config.yaml": dump(cfg.to_dict()), "sweep.yaml": dump(sweep_tree)}), ray_job(opts)]
 
 

@@ -8,7 +8,7 @@ record it logs (keys may be missing or None; such values are skipped).
 It is a trainer sink (`pretrain.sinks`): `on_step(result)` reads `result.record()`.
 
 Exported names (a contract: `cluster/grafana_dashboard.json` queries exactly
-these, and tests/test_metrics.py checks that every query returns data):
+these, and tests/integration/test_metrics.py checks that every query returns data):
 
 - `calmrl_samples_per_second{rank}`            gauge: global samples/s of the last step
                                                (every rank reports the whole run's rate:

@@ -7,8 +7,8 @@
 set -euo pipefail
 
 PACKAGES=(
-    prometheus  # tests/test_metrics.py scrapes the trainer's exporters with a real server
-    slurm-wlm   # tests/test_slurm.py submits a real job to a single-node Slurm (tests/slurm_cluster.py)
+    prometheus  # tests/integration/test_metrics.py scrapes the trainer's exporters with a real server
+    slurm-wlm   # tests/integration/test_slurm.py submits a real job to a single-node Slurm (tests/integration/slurm_cluster.py)
     munge       # Slurm's authentication daemon (munged, mungekey)
 )
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from evals.benchmark.presets import OBJECTIVES
 from evals.benchmark.stats import Summary, paired_difference, summarise
 
 BASELINES = ("observed_only", "drop_incomplete", "mean_fill", "oracle")
@@ -42,7 +43,8 @@ def aggregate(results: list[dict[str, Any]], rates: tuple[float, ...]) -> dict[s
         paired: dict[str, Any] = {}
         shift: dict[str, Any] = {}
         impute: dict[str, Any] = {}
-        objectives = sorted({r["objective"] for r in mine if r["method"] != "stage1"})
+        present = {r["objective"] for r in mine if r["method"] != "stage1"}
+        objectives = [o for o in OBJECTIVES if o in present] + sorted(present - set(OBJECTIVES))
         for objective in objectives:
             methods = sorted({r["method"] for r in mine if r["objective"] == objective and r["method"] != "stage1"})
             cells[objective] = {

@@ -21,6 +21,8 @@ from evals.benchmark.aggregate import aggregate, goal_verdicts
 from evals.benchmark.presets import METHODS, Preset
 from evals.benchmark.stats import Summary
 
+OWN_RULE = {"gram": "volume_R@1", "pmrl": "anchor_R@1", "pairwise": "cos_R@1"}
+
 
 def _cell(s: Summary | None, digits: int = 3) -> str:
     if s is None or not s.n or math.isnan(s.mean):
@@ -64,13 +66,11 @@ def markdown(report: dict[str, Any]) -> str:
             "|---|---|" + "---|" * len(rates),
         ]
         s1 = parts["stage1"]
-        if s1:
-            lines.append(
-                "| pairwise | stage 1 (start of every run) | "
-                + " | ".join(f"{_cell(s1.get('cos_R@1'))} / {_cell(s1.get('cos_R@1'))}" for _ in rates)
-                + " |"
-            )
         for objective, methods in parts["cells"].items():
+            if s1:  # the start of every stage-2 run, scored by this objective's rule
+                own = s1.get(OWN_RULE.get(objective, "cos_R@1"))
+                cell = f"{_cell(own)} / {_cell(s1.get('cos_R@1'))}"
+                lines.append(f"| {objective} | stage 1 (the start) | " + " | ".join(cell for _ in rates) + " |")
             for method in (m for m in METHODS if m in methods):
                 lines.append(
                     f"| {objective} | {method} | " + " | ".join(_both(methods[method][r]) for r in rates) + " |"
