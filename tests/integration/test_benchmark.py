@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -159,6 +162,18 @@ def test_quick_preset_end_to_end_and_resume(small_factors, tmp_path):
     assert len((out / "benchmark.csv").read_text().splitlines()) == 33
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*/result.json")}
     assert len(stamps) == 32
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "calibrator_capacity.py"
+    capacity = subprocess.run(
+        [sys.executable, str(script), str(out / "runs" / "factors" / "gram-calmrl-r0.5-s0"), "--latent", "2,6"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert capacity.returncode == 0, capacity.stderr[-3000:]
+    assert "latent   2:" in capacity.stdout and "latent   6:" in capacity.stdout
+    assert "linear regression from one modality: image->text" in capacity.stdout
+    assert "calibrator capacity: best held-out log-likelihood at latent" in capacity.stdout
 
     again = run_cli(*args, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
