@@ -73,39 +73,58 @@ def aggregate(results: list[dict[str, Any]], rates: tuple[float, ...]) -> dict[s
                 for baseline in BASELINES
                 if baseline in methods
             }
-            cal = [r for r in mine if r["objective"] == objective and r["method"] == "calmrl"]
-            patterns = sorted(
-                {k.split(" ", 1)[1] for r in cal for k in r["summary"] if k.startswith("shift_observed_only ")}
+            shift[objective] = _per_pattern(
+                mine, dataset, objective, rates, "shift", ("observed_only", "calibrated", "calibrated_refit")
             )
-            shift[objective] = {
-                f"{rate:g}": {
-                    p: {
-                        kind: summarise(
-                            list(_by_seed(mine, dataset, objective, "calmrl", rate, f"shift_{kind} {p}").values())
-                        )
-                        for kind in ("observed_only", "calibrated", "calibrated_refit")
-                    }
-                    for p in patterns
-                }
-                for rate in rates
-            }
-            impute_patterns = sorted(
-                {k.split(" ", 1)[1] for r in cal for k in r["summary"] if k.startswith("impute_calmrl ")}
+            impute[objective] = _per_pattern(
+                mine, dataset, objective, rates, "impute", ("calmrl", "calmrl_refit", "mean_fill", "random_fill")
             )
-            impute[objective] = {
-                f"{rate:g}": {
-                    p: {
-                        fill: summarise(
-                            list(_by_seed(mine, dataset, objective, "calmrl", rate, f"impute_{fill} {p}").values())
-                        )
-                        for fill in ("calmrl", "calmrl_refit", "mean_fill", "random_fill")
-                    }
-                    for p in impute_patterns
-                }
-                for rate in rates
-            }
         out[dataset] = {"stage1": stage1, "cells": cells, "paired": paired, "shift": shift, "impute": impute}
     return out
+
+
+def _per_pattern(
+    mine: list[dict[str, Any]],
+    dataset: str,
+    objective: str,
+    rates: tuple[float, ...],
+    prefix: str,
+    kinds: tuple[str, ...],
+) -> dict[str, Any]:
+    """{rate: {pattern: {kind: Summary}}} of the CalMRL runs' `PREFIX_KIND PATTERN` summary entries
+    (anchor shift or imputation error per missing pattern); patterns are those of the first kind."""
+    cal = [r for r in mine if r["objective"] == objective and r["method"] == "calmrl"]
+    first = f"{prefix}_{kinds[0]} "
+    patterns = sorted({k.split(" ", 1)[1] for r in cal for k in r["summary"] if k.startswith(first)})
+    return {
+        f"{rate:g}": {
+            p: {
+                kind: summarise(
+                    list(_by_seed(mine, dataset, objective, "calmrl", rate, f"{prefix}_{kind} {p}").values())
+                )
+                for kind in kinds
+            }
+            for p in patterns
+        }
+        for rate in rates
+    }
+
+
+def _pattern_verdict(
+    dataset: str, objective: str, rate: str, check: str, patterns: int, worse: list[str]
+) -> dict[str, Any]:
+    """A goal check that must hold on every missing pattern: met when `worse` is empty."""
+    return {
+        "dataset": dataset,
+        "objective": objective,
+        "rate": rate,
+        "check": check,
+        "value": float(patterns - len(worse)),
+        "low": 0.0,
+        "high": float(patterns),
+        "met": not worse,
+        "failing": worse,
+    }
 
 
 def goal_verdicts(summary: dict[str, Any]) -> list[dict[str, Any]]:
@@ -133,19 +152,8 @@ def goal_verdicts(summary: dict[str, Any]) -> list[dict[str, Any]]:
                 shifts = parts["shift"].get(objective, {}).get(rate, {})
                 if shifts:
                     worse = [p for p, k in shifts.items() if not k["calibrated"].mean < k["observed_only"].mean]
-                    verdicts.append(
-                        {
-                            "dataset": dataset,
-                            "objective": objective,
-                            "rate": rate,
-                            "check": "anchor shift calibrated < local, every pattern",
-                            "value": float(len(shifts) - len(worse)),
-                            "low": 0.0,
-                            "high": float(len(shifts)),
-                            "met": not worse,
-                            "failing": worse,
-                        }
-                    )
+                    check = "anchor shift calibrated < local, every pattern"
+                    verdicts.append(_pattern_verdict(dataset, objective, rate, check, len(shifts), worse))
                 fills = parts["impute"].get(objective, {}).get(rate, {})
                 if fills:
                     worse = [
@@ -153,17 +161,6 @@ def goal_verdicts(summary: dict[str, Any]) -> list[dict[str, Any]]:
                         for p, f in fills.items()
                         if not f["calmrl"].mean < min(f["mean_fill"].mean, f["random_fill"].mean)
                     ]
-                    verdicts.append(
-                        {
-                            "dataset": dataset,
-                            "objective": objective,
-                            "rate": rate,
-                            "check": "imputation error CalMRL < mean/random fill, every pattern",
-                            "value": float(len(fills) - len(worse)),
-                            "low": 0.0,
-                            "high": float(len(fills)),
-                            "met": not worse,
-                            "failing": worse,
-                        }
-                    )
+                    check = "imputation error CalMRL < mean/random fill, every pattern"
+                    verdicts.append(_pattern_verdict(dataset, objective, rate, check, len(fills), worse))
     return verdicts

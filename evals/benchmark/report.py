@@ -42,6 +42,23 @@ def _diff(s: Summary) -> str:
     return f"{s.mean:+.4f} [{s.low:+.4f}, {s.high:+.4f}]{mark}"
 
 
+def _pattern_table(title: str, by_rate: dict[str, Any], kinds: tuple[str, ...], rates: list[str]) -> list[str]:
+    """A table per missing pattern (rows) and rate (columns); a cell is the kinds' means joined by " / "."""
+    lines = [
+        title,
+        "",
+        "| observed | " + " | ".join(f"missing {r}" for r in rates) + " |",
+        "|---|" + "---|" * len(rates),
+    ]
+    for pattern in next(iter(by_rate.values()), {}):
+        cells = [
+            " / ".join(f"{by_rate[r][pattern][k].mean:.3f}" if by_rate[r][pattern][k].n else "-" for k in kinds)
+            for r in rates
+        ]
+        lines.append(f"| {pattern} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
 def markdown(report: dict[str, Any]) -> str:
     lines: list[str] = []
     rates = report["rates"]
@@ -93,41 +110,20 @@ def markdown(report: dict[str, Any]) -> str:
                     )
             lines.append("")
         for objective, by_rate in parts["shift"].items():
-            lines += [
+            lines += _pattern_table(
                 f"{dataset}, {objective}, CalMRL runs: anchor shift per observed pattern on complete "
                 "evaluation instances, local / calibrated (run's state) / calibrated (exact refit)",
-                "",
-                "| observed | " + " | ".join(f"missing {r}" for r in rates) + " |",
-                "|---|" + "---|" * len(rates),
-            ]
-            for pattern in next(iter(by_rate.values()), {}):
-                cells = [
-                    " / ".join(
-                        f"{by_rate[r][pattern][k].mean:.3f}" if by_rate[r][pattern][k].n else "-"
-                        for k in ("observed_only", "calibrated", "calibrated_refit")
-                    )
-                    for r in rates
-                ]
-                lines.append(f"| {pattern} | " + " | ".join(cells) + " |")
-            lines.append("")
-            fills = parts["impute"][objective]
-            lines += [
+                by_rate,
+                ("observed_only", "calibrated", "calibrated_refit"),
+                rates,
+            )
+            lines += _pattern_table(
                 f"{dataset}, {objective}, CalMRL runs: imputation error (cosine distance) of the hidden "
                 "modalities per observed pattern, CalMRL / exact refit / mean-fill / random-fill",
-                "",
-                "| observed | " + " | ".join(f"missing {r}" for r in rates) + " |",
-                "|---|" + "---|" * len(rates),
-            ]
-            for pattern in next(iter(fills.values()), {}):
-                cells = [
-                    " / ".join(
-                        f"{fills[r][pattern][k].mean:.3f}" if fills[r][pattern][k].n else "-"
-                        for k in ("calmrl", "calmrl_refit", "mean_fill", "random_fill")
-                    )
-                    for r in rates
-                ]
-                lines.append(f"| {pattern} | " + " | ".join(cells) + " |")
-            lines.append("")
+                parts["impute"][objective],
+                ("calmrl", "calmrl_refit", "mean_fill", "random_fill"),
+                rates,
+            )
     if report["goal"]:
         lines += [
             "### Goal checks",

@@ -112,19 +112,14 @@ def small_factors(tmp_path_factory):
     return out
 
 
+def quick_args(data: Path, out: Path, cache: Path) -> list[str]:
+    return ["benchmark", "--preset", "quick", f"--data-root=factors={data}", "--out", str(out), "--cache", str(cache)]
+
+
 @pytest.mark.timeout(900)
 def test_quick_preset_end_to_end_and_resume(small_factors, tmp_path):
     out, cache = tmp_path / "bench", tmp_path / "cache"
-    args = [
-        "benchmark",
-        "--preset",
-        "quick",
-        f"--data-root=factors={small_factors}",
-        "--out",
-        str(out),
-        "--cache",
-        str(cache),
-    ]
+    args = quick_args(small_factors, out, cache)
     done = run_cli(*args, timeout=800)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "benchmark 'quick': 32 runs" in done.stdout
@@ -174,6 +169,15 @@ def test_quick_preset_end_to_end_and_resume(small_factors, tmp_path):
     assert "latent   2:" in capacity.stdout and "latent   6:" in capacity.stdout
     assert "linear regression from one modality: image->text" in capacity.stdout
     assert "calibrator capacity: best held-out log-likelihood at latent" in capacity.stdout
+    compare = subprocess.run(
+        [sys.executable, str(script.with_name("compare_benchmarks.py")), str(out), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert compare.returncode == 0, compare.stderr[-3000:]
+    assert "| factors | gram | calmrl | 0.5 | own_R@1 |" in compare.stdout
+    assert compare.stdout.rstrip().endswith("0 differences with a 95% interval off zero (✔ above, ✘ below)")
 
     again = run_cli(*args, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
@@ -187,14 +191,7 @@ def test_quick_preset_end_to_end_and_resume(small_factors, tmp_path):
 def test_tuning_chooses_on_the_validation_split_with_equal_budgets(small_factors, tmp_path):
     out = tmp_path / "bench"
     args = [
-        "benchmark",
-        "--preset",
-        "quick",
-        f"--data-root=factors={small_factors}",
-        "--out",
-        str(out),
-        "--cache",
-        str(tmp_path / "cache"),
+        *quick_args(small_factors, out, tmp_path / "cache"),
         "--tune",
         "--tune-trials",
         "2",
