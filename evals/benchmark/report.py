@@ -95,17 +95,19 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append("")
         if parts["paired"]:
             lines += [
-                f"{dataset}: paired difference CalMRL minus baseline, own-rule R@1, per seed: mean "
-                "[95% interval] (✔ above zero, ✘ below)",
+                f"{dataset}: paired difference CalMRL minus baseline, R@1 by the objective's own rule and by "
+                "cosine, per seed: mean [95% interval] (✔ above zero, ✘ below)",
                 "",
-                "| objective | baseline | " + " | ".join(f"missing {r}" for r in rates) + " |",
-                "|---|---|" + "---|" * len(rates),
+                "| objective | baseline | "
+                + " | ".join(f"{kind}, missing {r}" for r in rates for kind in ("own rule", "cosine"))
+                + " |",
+                "|---|---|" + "---|" * 2 * len(rates),
             ]
             for objective, baselines in parts["paired"].items():
                 for baseline, by_rate in baselines.items():
                     lines.append(
                         f"| {objective} | {baseline} | "
-                        + " | ".join(_diff(by_rate[r]["own_R@1"]) for r in rates)
+                        + " | ".join(_diff(by_rate[r][m]) for r in rates for m in ("own_R@1", "cos_R@1"))
                         + " |"
                     )
             lines.append("")
