@@ -44,6 +44,12 @@ class ModelConfig:
     logit_scale_init: float = 1.0 / 0.07
     logit_scale_max: float = 100.0
     logit_scale_learnable: bool = True  # false: the temperature stays at logit_scale_init
+    # Run every tower on every row of the batch, absent rows included (their outputs are
+    # dropped): fixed shapes and no host sync (GPU presets). False runs a tower only on the
+    # rows that have its modality, which saves their compute (CPU presets) but picks the
+    # rows with `nonzero`, a host sync on a GPU. Towers with batch statistics (BatchNorm in
+    # train mode) would see the absent rows' placeholder inputs.
+    dense_encode: bool = False
 
 
 @dataclass
@@ -60,6 +66,11 @@ class LossConfig:
     #                 + pairwise_weight * pairwise InfoNCE on the observed pairs
     joint_weight: float = 1.0
     pairwise_weight: float = 0.0
+    # Compute each objective's logits this many gathered columns at a time, recomputed in
+    # backward (pretrain/chunked_ce.py): memory per rank O(local rows x chunk) instead of
+    # O(local rows x global batch), GRAM's volumes included; 0 builds them whole (fastest
+    # while they fit). The GPU preset sets it (docs/scaling.md).
+    column_chunk: int = 0
 
 
 METHODS = ("calmrl", "observed_only", "drop_incomplete", "mean_fill")

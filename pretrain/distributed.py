@@ -74,3 +74,30 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     if is_distributed() and world_size() > 1:
         dist.all_reduce(out, op=dist.ReduceOp.SUM)
     return out
+
+
+class GlobalBatch:
+    """The global batch as one rank's objective sees it: this rank's place in it,
+    its rows gathered from every rank, and counts summed over ranks.
+
+    The objectives (pretrain/losses.py) reach the other ranks only through this
+    object; this default is the process group (or one process). A benchmark can
+    stand one process in for many ranks by giving its own (benchmarks/bench_objectives.py)."""
+
+    def rank(self) -> int:
+        return rank()
+
+    def world(self) -> int:
+        return world_size()
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        return gather_rows(x)
+
+    def gather_nograd(self, x: torch.Tensor) -> torch.Tensor:
+        return gather_rows_nograd(x)
+
+    def sum(self, x: torch.Tensor) -> torch.Tensor:
+        return all_reduce_sum(x)
+
+
+PROCESS_GROUP = GlobalBatch()

@@ -16,41 +16,28 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from pretrain.chunked_ce import masked_ce
 from pretrain.config import LossConfig
-from pretrain.distributed import all_reduce_sum, gather_rows, gather_rows_nograd, rank, world_size
+from pretrain.distributed import PROCESS_GROUP, GlobalBatch
 
 
-def _directional_ce(
-    queries: torch.Tensor, keys: torch.Tensor, key_available: torch.Tensor, offset: int, scale: torch.Tensor
-) -> torch.Tensor:
-    """Per-row cross-entropy [B] of queries[i] against all keys, target i+offset.
-
-    Keys of samples without that modality are masked out (they are zero
-    vectors, not negatives). Rows whose own key is masked come out inf/nan:
-    callers select valid rows before reducing.
-    """
-    return _masked_ce(scale * queries @ keys.T, key_available, offset)
+def _dot_logits(queries: torch.Tensor, keys: torch.Tensor, scale: torch.Tensor, columns: slice) -> torch.Tensor:
+    """InfoNCE logits: scale * q . k for every (row, column) pair, [P, C]."""
+    return scale * queries @ keys.T
 
 
-def _masked_ce(
-    logits: torch.Tensor, key_available: torch.Tensor, offset: int, label_smoothing: float = 0.0
-) -> torch.Tensor:
-    """Per-row cross-entropy [B] of logits [B, N] with target column i+offset.
-
-    Columns not in `key_available` [N] are masked out (not negatives); rows
-    whose own column is masked come out inf/nan: callers select valid rows.
-    With `label_smoothing` e the target puts 1 - e on column i+offset and e
-    spread evenly over the available columns (torch's rule, over the columns
-    that exist for this row rather than over padding).
-    """
-    logits = logits.masked_fill(~key_available.unsqueeze(0), float("-inf"))
-    targets = torch.arange(logits.shape[0], device=logits.device) + offset
-    nll = F.cross_entropy(logits, targets, reduction="none")
-    if not label_smoothing:
-        return nll
-    log_probs = torch.log_softmax(logits, dim=1).masked_fill(~key_available.unsqueeze(0), 0.0)
-    uniform = -log_probs.sum(1) / key_available.sum().clamp_min(1).to(logits.dtype)
-    return (1.0 - label_smoothing) * nll + label_smoothing * uniform
+def _term_outputs(
+    names: list[str], global_terms: torch.Tensor, active: torch.Tensor, loss: torch.Tensor, loss_value: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """The objectives' return value: "loss", "loss_value", then per term "loss/<name>"
+    (0 where inactive) and "active/<name>" (whether any sample of the global batch
+    had it). Every term is always returned, as device tensors: which are active is
+    read on the host only when the trainer logs (no host sync in the step)."""
+    out: dict[str, torch.Tensor] = {"loss": loss, "loss_value": loss_value.float()}
+    for k, name in enumerate(names):
+        out[f"loss/{name}"] = global_terms[k].float()
+        out[f"active/{name}"] = active[k]
+    return out
 
 
 def pairwise_infonce(
@@ -61,6 +48,8 @@ def pairwise_infonce(
     *,
     available: torch.Tensor | None = None,
     imputed_pair_weight: float = 1.0,
+    column_chunk: int = 0,
+    global_batch: GlobalBatch = PROCESS_GROUP,
 ) -> dict[str, torch.Tensor]:
     """Mean over modality pairs of symmetric InfoNCE on (possibly completed) tuples.
 
@@ -71,17 +60,19 @@ def pairwise_infonce(
     has weight `imputed_pair_weight`. Every sample with b available, on any
     rank, is a candidate column for an a-query, and vice versa. A pair no
     sample of the global batch holds is left out of the mean (every rank
-    agrees: the counts are all-reduced). A pair's term is the weighted mean
-    of its rows' losses.
+    agrees: the counts are all-reduced; the choice is made on the device, by
+    masks, with no host sync). A pair's term is the weighted mean of its rows'
+    losses. `column_chunk` > 0 computes the logits that many columns at a time
+    (pretrain/chunked_ce.py).
 
-    Returns {"loss": partial loss for backward, "loss/a-b": global term values,
-    "loss_value": the global loss}.
+    Returns {"loss": partial loss for backward, "loss_value": the global loss,
+    "loss/a-b": global term values, "active/a-b": whether the pair was present}.
     """
     available = observed if available is None else available
-    world, batch = world_size(), observed.shape[0]
-    offset = rank() * batch
-    gathered = {m: gather_rows(emb[m]) for m in modalities}
-    gathered_available = gather_rows_nograd(available.to(torch.uint8)).bool()
+    world, batch = global_batch.world(), observed.shape[0]
+    offset = global_batch.rank() * batch
+    gathered = {m: global_batch.gather(emb[m]) for m in modalities}
+    gathered_available = global_batch.gather_nograd(available.to(torch.uint8)).bool()
     pairs = list(combinations(range(len(modalities)), 2))
     row_weights = []
     for i, j in pairs:
@@ -89,30 +80,31 @@ def pairwise_infonce(
         full = observed[:, i] & observed[:, j]
         w = torch.where(full, 1.0, imputed_pair_weight) * both
         row_weights.append(w.to(torch.float64))
-    totals = all_reduce_sum(torch.stack([w.sum() for w in row_weights]))
-    active = [k for k in range(len(pairs)) if totals[k] > 0]
+    totals = global_batch.sum(torch.stack([w.sum() for w in row_weights]))
+    active = totals > 0
+    n_active = active.sum().clamp_min(1)
 
     # Zero-weight use of every embedding keeps every tower in the backward
     # graph on every rank (ZeRO stages 2 and 3 reduce gradients per parameter).
     loss = _zero_in_graph(emb, logit_scale)
-    partial_terms = torch.zeros(len(pairs), dtype=torch.float64, device=observed.device)
-    for k in active:
-        i, j = pairs[k]
+    partial_terms = []
+    for k, (i, j) in enumerate(pairs):
         a, b = modalities[i], modalities[j]
         weights = row_weights[k].to(emb[a].dtype)
-        ab = _directional_ce(emb[a], gathered[b], gathered_available[:, j], offset, logit_scale)
-        ba = _directional_ce(emb[b], gathered[a], gathered_available[:, i], offset, logit_scale)
-        rows = weights > 0
-        term = 0.5 * ((ab[rows] + ba[rows]) * weights[rows]).sum() / totals[k].to(ab.dtype)
-        partial_terms[k] = term.detach().double()
-        loss = loss + term * (world / len(active))
-    global_terms = all_reduce_sum(partial_terms)
-    out: dict[str, torch.Tensor] = {"loss": loss}
-    for k, (i, j) in enumerate(pairs):
-        if k in active:
-            out[f"loss/{modalities[i]}-{modalities[j]}"] = global_terms[k].float()
-    out["loss_value"] = (global_terms.sum() / max(len(active), 1)).float()
-    return out
+        ab = masked_ce(
+            _dot_logits, emb[a], gathered[b], logit_scale, gathered_available[:, j], offset, chunk=column_chunk
+        )
+        ba = masked_ce(
+            _dot_logits, emb[b], gathered[a], logit_scale, gathered_available[:, i], offset, chunk=column_chunk
+        )
+        # rows that are no positive hold inf/nan: selected away, never multiplied
+        weighted = torch.where(weights > 0, (ab + ba) * weights, 0.0)
+        term = 0.5 * weighted.sum() / totals[k].clamp_min(1.0).to(ab.dtype)
+        partial_terms.append(term.detach().double())
+        loss = loss + term * (world / n_active.to(term.dtype))
+    global_terms = global_batch.sum(torch.stack(partial_terms))
+    names = [f"{modalities[i]}-{modalities[j]}" for i, j in pairs]
+    return _term_outputs(names, global_terms, active, loss, global_terms.sum() / n_active)
 
 
 # --------------------------------------------------------------------------
@@ -211,6 +203,8 @@ def gram_volume(
     label_smoothing: float = 0.0,
     negatives_grad: bool = True,
     volume_eps: float = 1e-6,
+    column_chunk: int = 0,
+    global_batch: GlobalBatch = PROCESS_GROUP,
 ) -> dict[str, torch.Tensor]:
     """GRAM volume alignment with anchor modality `anchor`.
 
@@ -235,48 +229,70 @@ def gram_volume(
     direction then trains only its own query side (the positive column is a
     constant too), and the rank-averaged gradient is no longer that of the
     single-process loss.
-    Volumes are computed in fp32 at least. Returns {"loss", "loss_value",
-    "loss/<anchor>->data", "loss/data-><anchor>"}.
+    Volumes are computed in fp32 at least. `column_chunk` > 0 computes the
+    volumes and logits that many columns at a time, recomputed in backward
+    (pretrain/chunked_ce.py): memory O(rows x chunk) instead of O(rows x
+    columns x K). Returns {"loss", "loss_value", "loss/<anchor>->data",
+    "loss/data-><anchor>"} and an "active/<term>" flag for each term.
     """
     if anchor not in modalities:
         raise ValueError(f"gram anchor {anchor!r} is not one of the modalities {list(modalities)}")
     if len(modalities) < 2:
         raise ValueError("gram needs at least two modalities")
     available = observed if available is None else available
-    world, batch = world_size(), observed.shape[0]
-    offset = rank() * batch
+    world, batch = global_batch.world(), observed.shape[0]
+    offset = global_batch.rank() * batch
     a = list(modalities).index(anchor)
     others = [m for m in range(len(modalities)) if m != a]
 
     x = _stack_available(emb, available, modalities)  # [B, M, D]
-    x_all = gather_rows(x) if negatives_grad else gather_rows_nograd(x.detach())  # [W*B, M, D]
-    available_all = gather_rows_nograd(available.to(torch.uint8)).bool()
+    x_all = global_batch.gather(x) if negatives_grad else global_batch.gather_nograd(x.detach())  # [W*B, M, D]
+    available_all = global_batch.gather_nograd(available.to(torch.uint8)).bool()
+    others_available_all, others_available = available_all[:, others], available[:, others]
 
-    rows = available[:, a] & available[:, others].any(1)
-    total = all_reduce_sum(rows.sum().to(torch.float64).reshape(1))[0]
+    rows = available[:, a] & others_available.any(1)
+    total = global_batch.sum(rows.sum().to(torch.float64).reshape(1))[0]
 
+    def anchor_to_data(anchors: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, cols: slice) -> torch.Tensor:
+        return -scale * gram_volumes(anchors, data, others_available_all[cols], volume_eps)
+
+    def data_to_anchor(data: torch.Tensor, anchors: torch.Tensor, scale: torch.Tensor, cols: slice) -> torch.Tensor:
+        return -scale * gram_volumes(anchors, data, others_available, volume_eps).T
+
+    scale = logit_scale.to(x.dtype)
+    # anchor -> data: local anchors against the data of every gathered sample
+    ad = masked_ce(
+        anchor_to_data,
+        x[:, a],
+        x_all[:, others],
+        scale,
+        others_available_all.any(1),
+        offset,
+        label_smoothing=label_smoothing,
+        chunk=column_chunk,
+    )
+    # data -> anchor: local data against every gathered anchor
+    da = masked_ce(
+        data_to_anchor,
+        x[:, others],
+        x_all[:, a],
+        scale,
+        available_all[:, a],
+        offset,
+        label_smoothing=label_smoothing,
+        chunk=column_chunk,
+    )
+    # Rows that are no positive hold inf/nan: selected away (no indexing, no host sync).
+    # With no row in the global batch the terms are 0 and only the zero-weight graph remains.
+    denominator = total.clamp_min(1.0)
+    ad_term = torch.where(rows, ad, 0.0).sum() / denominator.to(ad.dtype)
+    da_term = torch.where(rows, da, 0.0).sum() / denominator.to(da.dtype)
     loss = _zero_in_graph(emb, logit_scale)
-    partial_terms = torch.zeros(2, dtype=torch.float64, device=observed.device)
-    if total > 0:  # an all-reduced count: every rank takes the same branch
-        scale = logit_scale.to(x.dtype)
-        # anchor -> data: local anchors against the data of every gathered sample
-        vol_ad = gram_volumes(x[:, a], x_all[:, others], available_all[:, others], volume_eps)
-        ad = _masked_ce(-scale * vol_ad, available_all[:, others].any(1), offset, label_smoothing)
-        # data -> anchor: local data against every gathered anchor
-        vol_da = gram_volumes(x_all[:, a], x[:, others], available[:, others], volume_eps).T
-        da = _masked_ce(-scale * vol_da, available_all[:, a], offset, label_smoothing)
-        ad_term = ad[rows].sum() / total.to(ad.dtype)
-        da_term = da[rows].sum() / total.to(da.dtype)
-        partial_terms[0] = ad_term.detach().double()
-        partial_terms[1] = da_term.detach().double()
-        loss = loss + (0.5 * (ad_term + da_term) * world).to(loss.dtype)
-    global_terms = all_reduce_sum(partial_terms)
-    out: dict[str, torch.Tensor] = {"loss": loss}
-    if total > 0:
-        out[f"loss/{anchor}->data"] = global_terms[0].float()
-        out[f"loss/data->{anchor}"] = global_terms[1].float()
-    out["loss_value"] = (0.5 * global_terms.sum()).float()
-    return out
+    loss = loss + (0.5 * (ad_term + da_term) * world).to(loss.dtype)
+    global_terms = global_batch.sum(torch.stack([ad_term.detach(), da_term.detach()]).double())
+    active = (total > 0).expand(2)
+    names = [f"{anchor}->data", f"data->{anchor}"]
+    return _term_outputs(names, global_terms, active, loss, 0.5 * global_terms.sum())
 
 
 class _SymmetricEig(torch.autograd.Function):
@@ -320,45 +336,45 @@ def _leading_directions(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row: the leading left singular vector u [B, D] of Z_i (its available
     columns; zeros for a row with none) and the singular-value cross-entropy
-    CE(l / tau1, 0) [B] (0 for rows with fewer than two available columns).
+    CE(l / tau1, 0) [B] over its available columns' singular values (0 for
+    rows with fewer than two available columns).
 
-    Rows are grouped by availability pattern (at most 2^M - 1 groups; no loop
-    over samples), so Z_i has no zero columns. The SVD comes from eigh of the
-    |O|x|O| Gram matrix Z^T Z = V diag(l^2) V^T: l = sqrt(max(lam, eig_floor))
-    (the floor keeps the gradient finite at a zero singular value, e.g. two
-    identical vectors) and u = normalize(Z v_1), with the sign fixed so that
-    u . mean(columns of Z) > 0; where |u . mean| <= sign_tol (a tie), so
-    that u . (first available column, in modality order) >= 0. A single
-    available vector gives u = normalize(z).
+    Fixed shapes, no grouping and no host sync: every row's M x M Gram matrix
+    X^T X is built with its unavailable columns zero (`x` holds exact zeros
+    there), so it is block-diagonal: the available columns' Gram matrix Z^T Z
+    and a zero block. One batched eigh gives Z^T Z = V diag(l^2) V^T padded
+    with zero eigenvalues, whose eigenvectors stay in the zero block; the
+    leading eigenvector is Z's (its eigenvalue is >= 1 for unit vectors), and
+    the n_i largest eigenvalues are Z's singular values squared (those below
+    the floor tie with the padding and are clamped to the same value).
+    l = sqrt(max(lam, eig_floor)) (the floor keeps the gradient finite at a zero
+    singular value, e.g. two identical vectors) and u = normalize(Z v_1), with
+    the sign fixed so that u . mean(columns of Z) > 0; where |u . mean| <=
+    sign_tol (a tie), so that u . (first available column, in modality order)
+    >= 0. A single available vector gives u = normalize(z), whatever `sign_fix`.
     """
     n_rows, n_mod, dim = x.shape
-    weights = 2 ** torch.arange(n_mod, device=available.device)
-    codes = (available.long() * weights).sum(1)
-    u = x.new_zeros(n_rows, dim)
-    sv_ce = x.new_zeros(n_rows)
-    for code in torch.unique(codes).tolist():  # data-dependent, but no collectives inside
-        cols = [m for m in range(n_mod) if code >> m & 1]
-        if not cols:
-            continue
-        idx = (codes == code).nonzero().flatten()
-        z = x[idx][:, cols]  # [n, k, D]
-        if len(cols) == 1:
-            u = u.index_put((idx,), F.normalize(z[:, 0], dim=-1))
-            continue
-        lam, vec = _SymmetricEig.apply(z @ z.mT, gap_eps)  # ascending
-        lead = vec[..., -1]  # [n, k]
-        u_p = F.normalize((lead.unsqueeze(-1) * z).sum(1), dim=-1)
-        # Sign against the column mean; where that is (near) zero, against the
-        # first available column. The fallback matters: for two unit vectors
-        # with a negative cosine, u = normalize(z1 - z2) is exactly orthogonal
-        # to their mean, so the mean alone would leave the sign to rounding.
-        along_mean = (u_p * z.mean(1)).sum(-1)
-        reference = torch.where(along_mean.abs() > sign_tol, along_mean, (u_p * z[:, 0]).sum(-1))
-        sign = torch.where(reference < 0, -1.0, 1.0).to(u_p.dtype).detach()
-        u = u.index_put((idx,), u_p * sign.unsqueeze(-1) if sign_fix else u_p)
-        singular = lam.clamp_min(eig_floor).sqrt().flip(-1)  # descending
-        target = torch.zeros(len(idx), dtype=torch.long, device=x.device)
-        sv_ce = sv_ce.index_put((idx,), F.cross_entropy(singular / tau1, target, reduction="none"))
+    counts = available.sum(1)  # [B]
+    lam, vec = _SymmetricEig.apply(x @ x.mT, gap_eps)  # ascending, [B, M] and [B, M, M]
+    lead = vec[..., -1]  # [B, M], zero on unavailable columns
+    u = F.normalize((lead.unsqueeze(-1) * x).sum(1), dim=-1)
+    # Sign against the column mean; where that is (near) zero, against the
+    # first available column. The fallback matters: for two unit vectors
+    # with a negative cosine, u = normalize(z1 - z2) is exactly orthogonal
+    # to their mean, so the mean alone would leave the sign to rounding.
+    mean = x.sum(1) / counts.clamp_min(1).unsqueeze(1).to(x.dtype)
+    first = x[torch.arange(n_rows, device=x.device), available.to(torch.uint8).argmax(1)]
+    along_mean = (u * mean).sum(-1)
+    reference = torch.where(along_mean.abs() > sign_tol, along_mean, (u * first).sum(-1))
+    sign = torch.where(reference < 0, -1.0, 1.0).to(u.dtype).detach()
+    if not sign_fix:  # the solver's sign, except for a single vector (u = normalize(z))
+        sign = torch.where(counts == 1, sign, torch.ones_like(sign))
+    u = u * sign.unsqueeze(-1)
+    singular = lam.clamp_min(eig_floor).sqrt().flip(-1)  # descending, [B, M]
+    beyond = torch.arange(n_mod, device=x.device).unsqueeze(0) >= counts.unsqueeze(1)  # padding of Z's spectrum
+    logits = (singular / tau1).masked_fill(beyond, float("-inf"))
+    target = torch.zeros(n_rows, dtype=torch.long, device=x.device)
+    sv_ce = torch.where(counts >= 2, F.cross_entropy(logits, target, reduction="none"), 0.0)
     return u, sv_ce
 
 
@@ -375,6 +391,8 @@ def pmrl(
     eig_gap_eps: float = 1e-8,
     eig_floor: float = 1e-6,
     sign_tol: float = 1e-3,
+    column_chunk: int = 0,
+    global_batch: GlobalBatch = PROCESS_GROUP,
 ) -> dict[str, torch.Tensor]:
     """PMRL: maximise each instance's leading singular value, contrast the leading directions.
 
@@ -390,43 +408,34 @@ def pmrl(
     reference does. The score matrix u_i . u_j is symmetric and rows
     and columns share one candidate set, so the column-wise cross-entropy
     equals the row-wise one and the symmetric term is computed as the latter.
-    A term no sample of the global batch has is left out (all-reduced counts).
+    A term no sample of the global batch has is left out (all-reduced counts,
+    chosen by masks on the device). `column_chunk` as in `pairwise_infonce`.
 
     Finite gradients: see `_leading_directions` (eigenvalue floor
     `eig_floor` on l^2) and `_SymmetricEig` (gap broadening `eig_gap_eps`).
-    Returns {"loss", "loss_value", "loss/singular_values", "loss/instance"}.
+    Returns {"loss", "loss_value", "loss/singular_values", "loss/instance"}
+    and an "active/<term>" flag for each term.
     """
     available = observed if available is None else available
-    world, batch = world_size(), observed.shape[0]
-    offset = rank() * batch
+    world, batch = global_batch.world(), observed.shape[0]
+    offset = global_batch.rank() * batch
     x = _stack_available(emb, available, modalities)
     u, sv_ce = _leading_directions(x, available, tau1, eig_gap_eps, eig_floor, sign_tol, sign_fix)
-    u_all = gather_rows(u)  # with gradient, back to the owner of each row
-    available_all = gather_rows_nograd(available.to(torch.uint8)).bool()
+    u_all = global_batch.gather(u)  # with gradient, back to the owner of each row
+    available_all = global_batch.gather_nograd(available.to(torch.uint8)).bool()
     multi = available.sum(1) >= 2
     has_any, has_any_all = available.any(1), available_all.any(1)
-    totals = all_reduce_sum(torch.stack([multi.sum(), has_any.sum()]).to(torch.float64))
+    totals = global_batch.sum(torch.stack([multi.sum(), has_any.sum()]).to(torch.float64))
+    denominators = totals.clamp_min(1.0)
 
     loss = _zero_in_graph(emb, logit_scale)
-    partial_terms = torch.zeros(2, dtype=torch.float64, device=observed.device)
-    active = [bool(t > 0) for t in totals]  # the same on every rank
-    if active[0]:
-        sv_term = sv_ce[multi].sum() / totals[0].to(sv_ce.dtype)
-        partial_terms[0] = sv_term.detach().double()
-        loss = loss + (sv_term * world).to(loss.dtype)
-    if active[1]:
-        inverse_tau2 = logit_scale.to(u.dtype) if tau2 <= 0 else torch.full_like(logit_scale, 1.0 / tau2, dtype=u.dtype)
-        ce = _directional_ce(u, u_all, has_any_all, offset, inverse_tau2)
-        inst_term = ce[has_any].sum() / totals[1].to(ce.dtype)
-        partial_terms[1] = inst_term.detach().double()
-        loss = loss + (inst_term * world).to(loss.dtype)
-    global_terms = all_reduce_sum(partial_terms)
-    out: dict[str, torch.Tensor] = {"loss": loss}
-    for k, name in enumerate(("singular_values", "instance")):
-        if active[k]:
-            out[f"loss/{name}"] = global_terms[k].float()
-    out["loss_value"] = global_terms.sum().float()
-    return out
+    sv_term = sv_ce.sum() / denominators[0].to(sv_ce.dtype)  # sv_ce is 0 on rows with < 2 columns
+    inverse_tau2 = logit_scale.to(u.dtype) if tau2 <= 0 else torch.full_like(logit_scale, 1.0 / tau2, dtype=u.dtype)
+    ce = masked_ce(_dot_logits, u, u_all, inverse_tau2, has_any_all, offset, chunk=column_chunk)
+    inst_term = torch.where(has_any, ce, 0.0).sum() / denominators[1].to(ce.dtype)
+    loss = loss + ((sv_term + inst_term) * world).to(loss.dtype)
+    global_terms = global_batch.sum(torch.stack([sv_term.detach(), inst_term.detach()]).double())
+    return _term_outputs(["singular_values", "instance"], global_terms, totals > 0, loss, global_terms.sum())
 
 
 class Objective(Protocol):
@@ -440,6 +449,7 @@ class Objective(Protocol):
         modalities: tuple[str, ...] | list[str],
         *,
         available: torch.Tensor | None = None,
+        global_batch: GlobalBatch = PROCESS_GROUP,
     ) -> dict[str, torch.Tensor]: ...
 
 
@@ -450,7 +460,9 @@ def joint_with_pairwise(
     modalities: tuple[str, ...] | list[str],
     *,
     available: torch.Tensor | None = None,
+    global_batch: GlobalBatch = PROCESS_GROUP,
     joint: Objective,
+    pairwise: Objective,
     joint_weight: float = 1.0,
     pairwise_weight: float = 1.0,
 ) -> dict[str, torch.Tensor]:
@@ -461,15 +473,18 @@ def joint_with_pairwise(
     joint term it holds the cross-modal (cosine) alignment the joint term alone
     does not constrain (volumes and singular values ignore a column's sign).
     Imputed vectors enter the joint term only. Terms are logged as
-    "loss/joint/<term>" and "loss/pairwise/<pair>"."""
-    joint_out = joint(emb, observed, logit_scale, modalities, available=available)
-    pair_out = pairwise_infonce(emb, observed, logit_scale, modalities, available=observed)
+    "loss/joint/<term>" and "loss/pairwise/<pair>" (and "active/..." likewise)."""
+    joint_out = joint(emb, observed, logit_scale, modalities, available=available, global_batch=global_batch)
+    pair_out = pairwise(emb, observed, logit_scale, modalities, available=observed, global_batch=global_batch)
     out = {
         "loss": joint_weight * joint_out["loss"] + pairwise_weight * pair_out["loss"],
         "loss_value": joint_weight * joint_out["loss_value"] + pairwise_weight * pair_out["loss_value"],
     }
     for prefix, part in (("joint", joint_out), ("pairwise", pair_out)):
-        out.update({f"loss/{prefix}/{k[5:]}": v for k, v in part.items() if k.startswith("loss/")})
+        for key, value in part.items():
+            kind, _, name = key.partition("/")
+            if name:  # "loss/<term>" and "active/<term>"
+                out[f"{kind}/{prefix}/{name}"] = value
     return out
 
 
@@ -477,19 +492,33 @@ def create_objective(cfg: LossConfig) -> Objective:
     """The configured objective, built once, with exactly its own options bound; a joint
     objective (gram, pmrl) with `pairwise_weight` > 0 gets the pairwise term beside it."""
     joint: Objective
+    pairwise: Objective = partial(
+        pairwise_infonce, imputed_pair_weight=cfg.imputed_pair_weight, column_chunk=cfg.column_chunk
+    )
     if cfg.objective == "pairwise":
-        return partial(pairwise_infonce, imputed_pair_weight=cfg.imputed_pair_weight)
+        return pairwise
     if cfg.objective == "gram":
         joint = partial(
             gram_volume,
             anchor=cfg.gram_anchor,
             label_smoothing=cfg.gram_label_smoothing,
             negatives_grad=cfg.gram_negatives_grad,
+            column_chunk=cfg.column_chunk,
         )
     elif cfg.objective == "pmrl":
-        joint = partial(pmrl, tau1=cfg.pmrl_tau1, tau2=cfg.pmrl_tau2, sign_fix=cfg.pmrl_sign_fix)
+        joint = partial(
+            pmrl, tau1=cfg.pmrl_tau1, tau2=cfg.pmrl_tau2, sign_fix=cfg.pmrl_sign_fix, column_chunk=cfg.column_chunk
+        )
     else:
         raise ValueError(f"loss.objective {cfg.objective!r} is not one of: pairwise, gram, pmrl")
     if cfg.pairwise_weight <= 0 and cfg.joint_weight == 1.0:
         return joint
-    return partial(joint_with_pairwise, joint=joint, joint_weight=cfg.joint_weight, pairwise_weight=cfg.pairwise_weight)
+    # The observed pairs' InfoNCE beside the joint term: every pair is observed, so no imputed weight.
+    observed_pairwise: Objective = partial(pairwise_infonce, column_chunk=cfg.column_chunk)
+    return partial(
+        joint_with_pairwise,
+        joint=joint,
+        pairwise=observed_pairwise,
+        joint_weight=cfg.joint_weight,
+        pairwise_weight=cfg.pairwise_weight,
+    )

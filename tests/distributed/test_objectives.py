@@ -26,7 +26,9 @@ OBJECTIVES: dict[str, Callable[..., dict[str, torch.Tensor]]] = {
 
 WORLD, B, D = 2, 6, 8
 SCALE = 10.0
-CASES = [(obj, scenario) for obj in ("gram", "pmrl") for scenario in ("no_audio_on_rank1", "no_text_on_rank1")]
+# (objective, scenario, column_chunk): chunked cases must equal the unchunked single process too
+CASES = [(obj, scenario, 0) for obj in ("gram", "pmrl") for scenario in ("no_audio_on_rank1", "no_text_on_rank1")]
+CASES += [(obj, "no_audio_on_rank1", 5) for obj in ("pairwise", "gram", "pmrl")]
 
 
 def global_batch(seed: int = 0, scenario: str = "no_audio_on_rank1"):
@@ -115,12 +117,12 @@ def _rank_losses(rank: int, world: int, cases):
 
     dist.init_process_group("gloo", rank=rank, world_size=world)
     results = []
-    for obj, scenario in cases:
+    for obj, scenario, chunk in cases:
         emb, observed, available = global_batch(scenario=scenario)
         rows = slice(rank * B, (rank + 1) * B)
         local = {m: e[rows].clone().requires_grad_(True) for m, e in emb.items()}
         scale = torch.tensor([SCALE], requires_grad=True)
-        out = OBJECTIVES[obj](local, observed[rows], scale, MODALITIES, available=available[rows])
+        out = OBJECTIVES[obj](local, observed[rows], scale, MODALITIES, available=available[rows], column_chunk=chunk)
         out["loss"].backward()
         results.append(
             {
@@ -142,9 +144,9 @@ def distributed_results(tmp_path_factory):
 
 
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize("case", CASES, ids=[f"{o}-{s}" for o, s in CASES])
+@pytest.mark.parametrize("case", CASES, ids=[f"{o}-{s}-chunk{c}" for o, s, c in CASES])
 def test_gathered_loss_equals_single_process(distributed_results, case):
-    obj, scenario = case
+    obj, scenario, _ = case
     results = distributed_results[case]
     emb, observed, available = global_batch(scenario=scenario)
     emb = {m: e.clone().requires_grad_(True) for m, e in emb.items()}
