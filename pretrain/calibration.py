@@ -44,14 +44,17 @@ _LOG_2PI = math.log(2.0 * math.pi)
 
 @dataclass(frozen=True)
 class PatternGroups:
-    """The distinct missing patterns of a batch and which samples have each."""
+    """Every missing pattern (all 2^M observed sets, the empty one included) and
+    which one each sample has. Fixed shapes: no `unique`, no host sync."""
 
-    patterns: Tensor  # [P, M] bool: the observed set of each distinct pattern
+    patterns: Tensor  # [P, M] bool: the observed set of pattern p (P = 2^M; p's bits)
     index: Tensor  # [N] long: pattern id of every sample
 
     @property
     def counts(self) -> Tensor:
-        return torch.bincount(self.index, minlength=self.patterns.shape[0])
+        """Samples per pattern, [P] (a comparison, not bincount: its size is fixed)."""
+        ids = torch.arange(self.patterns.shape[0], device=self.index.device)
+        return (self.index.unsqueeze(0) == ids.unsqueeze(1)).sum(1)
 
 
 @dataclass(frozen=True)
@@ -81,13 +84,16 @@ class Posterior:
 
 
 def _pattern_groups(present: Tensor) -> PatternGroups:
-    """Group samples by missing pattern (a bit code over modalities)."""
+    """Group samples by missing pattern (a bit code over modalities). All 2^M
+    patterns are listed whether or not the batch has them: a few more k x k
+    factorisations (8 for three modalities), and shapes that do not depend on
+    the data, so the E-step never waits on the host."""
     num_modalities = present.shape[1]
     bits = torch.arange(num_modalities, device=present.device)
     codes = (present.long() << bits).sum(dim=1)
-    unique_codes, index = torch.unique(codes, sorted=True, return_inverse=True)
-    patterns = ((unique_codes.unsqueeze(1) >> bits) & 1).bool()
-    return PatternGroups(patterns=patterns, index=index)
+    all_codes = torch.arange(2**num_modalities, device=present.device)
+    patterns = ((all_codes.unsqueeze(1) >> bits) & 1).bool()
+    return PatternGroups(patterns=patterns, index=codes)
 
 
 class Calibrator(torch.nn.Module):
@@ -273,21 +279,21 @@ class Calibrator(torch.nn.Module):
     ) -> dict[str, Tensor]:
         """Observed rows as given, missing rows W_m b_i + mu_m.
 
-        Only the missing rows are imputed (a product per modality over those rows,
-        not a dense [M, N, d] one of which the observed rows are thrown away);
-        ``index_put`` writes them into a copy of the features.
+        Fixed shapes: every row's W_m b_i + mu_m is computed (an [N, k] x [k, d]
+        product per modality) and ``torch.where`` keeps the observed rows, so
+        nothing depends on how many rows are missing (no ``nonzero``, no host
+        sync); the gradient reaches z only through the rows it keeps.
         """
         normalize = self.normalize_imputed if normalize is None else normalize
         fallback_dtype = next(iter(z.values())).dtype if z else self.dtype
         completed = {}
         for j, name in enumerate(self.modalities):
-            rows = (~present[:, j]).nonzero().squeeze(1)
-            imputed = torch.addmm(self.mu[j], result.mean.index_select(0, rows), self.W[j].T)
+            imputed = torch.addmm(self.mu[j], result.mean, self.W[j].T)
             if normalize:
                 imputed = F.normalize(imputed, dim=-1)
             if name in z:
                 features = z[name]
-                completed[name] = features.index_put((rows,), imputed.to(features.dtype))
+                completed[name] = torch.where(present[:, j : j + 1], features, imputed.to(features.dtype))
             else:  # every row is missing
                 completed[name] = imputed.to(fallback_dtype)
         return completed
@@ -445,33 +451,29 @@ class Calibrator(torch.nn.Module):
         """
         k = self.latent_dim
         observed = self.n_obs > 0
-        if not bool(observed.any()):
-            return
-        # All modalities at once; a never-observed one (A may be all zeros) uses I and
-        # keeps its parameters. A = sum St is positive definite once n > 0 (V_O is), so
-        # A^{-1} = L^-T L^-1 from its Cholesky factor (faster here than an LU solve with
-        # d right-hand sides); an LU solve is the fallback should the factorisation fail.
+        # All modalities at once, decided by masks on the device (no host sync); a
+        # never-observed one (A may be all zeros) uses I and keeps its parameters.
+        # A = sum St is positive definite once n > 0 (V_O is), so A^{-1} = L^-T L^-1
+        # from its Cholesky factor (faster here than an LU solve with d right-hand
+        # sides); where the factorisation fails, an LU solve's result is taken (both
+        # are computed: (k+1) x (k+1) systems, cheap next to a step).
         eye = torch.eye(k + 1, dtype=self.dtype, device=self.W.device)
         A = torch.where(observed[:, None, None], self.sum_St, eye)
         B = self.sum_z_bt  # [M, d, k+1]
         chol, info = torch.linalg.cholesky_ex(A)
-        if bool((info == 0).all()):
-            chol_inv = torch.linalg.solve_triangular(chol, eye.expand_as(chol), upper=False)
-            Wt = B @ (chol_inv.mT @ chol_inv)
-        else:  # A is symmetric, so B A^{-1} = (A^{-1} B^T)^T
-            Wt = torch.linalg.solve(A, B.transpose(1, 2)).transpose(1, 2)
+        factored = (info == 0)[:, None, None]
+        chol = torch.where(factored, chol, eye)
+        chol_inv = torch.linalg.solve_triangular(chol, eye.expand_as(chol), upper=False)
+        # A is symmetric, so B A^{-1} = (A^{-1} B^T)^T
+        solved, _ = torch.linalg.solve_ex(A, B.transpose(1, 2))
+        Wt = torch.where(factored, B @ (chol_inv.mT @ chol_inv), solved.transpose(1, 2))
         # tr(Wt^T Wt A) = tr(Wt^T B) since Wt A = B: sigma2 = (sum |z|^2 - tr(Wt^T B)) / (d n)
         cross = torch.linalg.vecdot(Wt.flatten(1), B.flatten(1))
         sigma2 = ((self.sum_zsq - cross) / (self.dim * self.n_obs.clamp_min(1e-12))).clamp_min(self.sigma2_floor)
-        if bool(observed.all()):
-            self.W.copy_(Wt[:, :, :k])
-            self.mu.copy_(Wt[:, :, k])
-            self.sigma2.copy_(sigma2)
-        else:
-            rows = observed.nonzero().squeeze(1)
-            self.W[rows] = Wt[rows, :, :k]
-            self.mu[rows] = Wt[rows, :, k]
-            self.sigma2[rows] = sigma2[rows]
+        keep = observed[:, None, None]
+        self.W.copy_(torch.where(keep, Wt[:, :, :k], self.W))
+        self.mu.copy_(torch.where(keep[:, :, 0], Wt[:, :, k], self.mu))
+        self.sigma2.copy_(torch.where(observed, sigma2, self.sigma2))
 
     @torch.no_grad()
     def reset_statistics(self) -> None:

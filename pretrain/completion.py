@@ -97,14 +97,32 @@ class Completion(torch.nn.Module):
             return step >= self.cfg.warmup_steps
         return self.cfg.method == "mean_fill"
 
-    def complete(self, emb: dict[str, torch.Tensor], present: torch.Tensor, step: int) -> Completed:
+    def observed(self, present: torch.Tensor) -> torch.Tensor:
+        """[B, M]: the encoded modalities that take part (drop_incomplete: complete rows only)."""
+        if self.cfg.method == "drop_incomplete":
+            return present & present.all(1, keepdim=True)
+        return present
+
+    def available(self, present: torch.Tensor, step: int) -> torch.Tensor:
+        """[B, M]: what the objective aligns at step `step`, observed or filled in. A
+        function of `present` alone, so the trainer counts imputations on the host
+        from the batch's own mask, without reading anything back from the device."""
         method = self.cfg.method
         has_any = present.any(1, keepdim=True)
-        if method == "drop_incomplete":
-            observed = present & present.all(1, keepdim=True)
-            return Completed(emb, observed, observed)
-        if method == "observed_only":
-            return Completed(emb, present, present)
+        if method == "mean_fill":
+            return has_any.expand_as(present)
+        if method != "calmrl" or not self.imputing(step):
+            return self.observed(present)
+        # Rows with fewer than impute_min_observed modalities keep only what they have:
+        # imputations from a single vector add nothing beyond that vector (docs/benchmark.md).
+        enough = present.sum(1, keepdim=True) >= self.cfg.impute_min_observed
+        return torch.where(enough, has_any, present)
+
+    def complete(self, emb: dict[str, torch.Tensor], present: torch.Tensor, step: int) -> Completed:
+        method = self.cfg.method
+        observed, available = self.observed(present), self.available(present, step)
+        if method in ("drop_incomplete", "observed_only"):
+            return Completed(emb, observed, available)
         if method == "mean_fill":
             assert self.filler is not None
             self.filler.update([emb[m] for m in self.modalities], present)
@@ -113,7 +131,7 @@ class Completion(torch.nn.Module):
                 m: torch.where(present[:, i : i + 1], emb[m], means[i].to(emb[m].dtype))
                 for i, m in enumerate(self.modalities)
             }
-            return Completed(filled, present, has_any.expand_as(present))
+            return Completed(filled, present, available)
         # calmrl: step A, statistics from detached features (every rank, every micro-step)
         assert self.calibrator is not None
         detached = {m: e.detach() for m, e in emb.items()}
@@ -121,7 +139,7 @@ class Completion(torch.nn.Module):
             self._recent.append(({m: e.float() for m, e in detached.items()}, present))
         if not self.imputing(step):
             self.calibrator.accumulate(detached, present)
-            return Completed(emb, present, present)
+            return Completed(emb, present, available)
         # step B: impute with the current state (the M-step runs in end_step, after
         # the optimizer step, so statistics and imputation share one E-step)
         if self.cfg.grad_through_imputation:
@@ -132,10 +150,7 @@ class Completion(torch.nn.Module):
                 m: torch.where(present[:, i : i + 1], emb[m], imputed[m].to(emb[m].dtype))
                 for i, m in enumerate(self.modalities)
             }
-        # Rows with fewer than impute_min_observed modalities keep only what they have:
-        # imputations from a single vector add nothing beyond that vector (docs/benchmark.md).
-        enough = present.sum(1, keepdim=True) >= self.cfg.impute_min_observed
-        return Completed(completed, present, torch.where(enough, has_any, present))
+        return Completed(completed, present, available)
 
     def end_step(self, step: int) -> None:
         """After optimizer step `step` (1-based count of finished steps): an exact
@@ -161,6 +176,7 @@ class Completion(torch.nn.Module):
         return self.calibrator.log_likelihood({m: e.detach() for m, e in emb.items()}, present)
 
     def extra_metrics(self) -> dict[str, Any]:
+        """The calibrator's noise variances (read from the device: log steps only)."""
         if self.calibrator is None:
             return {}
-        return {f"calibrator/sigma2/{m}": float(s) for m, s in zip(self.modalities, self.calibrator.sigma2)}
+        return {f"calibrator/sigma2/{m}": s for m, s in zip(self.modalities, self.calibrator.sigma2.tolist())}
