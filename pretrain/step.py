@@ -17,10 +17,13 @@ from data_pipeline.contract import MODALITIES
 @dataclass
 class StepResult:
     step: int  # optimizer steps done (1-based)
-    loss: float  # the objective on the global batch, mean over micro-steps
-    terms: dict[str, float]  # "loss/<term>": the objective's named terms
+    # The device's values (loss, terms, logit scale, calibrator) are read back only on
+    # steps with `read` set (log steps, the first and last of a fit, a sink's interval):
+    # elsewhere they are None / empty, and the step never waits on the device.
+    loss: float | None  # the objective on the global batch, mean over micro-steps
+    terms: dict[str, float]  # "loss/<term>": the objective's named terms (the active ones)
     lr: float
-    logit_scale: float
+    logit_scale: float | None
     samples_per_s: float  # global samples per second of this step
     step_time_s: float
     data_wait_s: float  # time spent waiting for batches
@@ -28,6 +31,7 @@ class StepResult:
     present: list[int]  # per modality (MODALITIES order): this rank's samples that had it
     imputed: list[int]  # per modality: samples whose missing modality was filled in
     logged: bool = False  # a log step: the run log writes it, and the diagnostics below are fresh
+    read: bool = False  # the device's values above were read (every logged step is read)
     log_likelihood: float | None = None  # calibrator log-likelihood of the batch (log steps)
     calibrator: dict[str, float] = field(default_factory=dict)  # "calibrator/sigma2/<m>"
     anchor_shift: dict[str, float] = field(default_factory=dict)  # "anchor_shift/<kind>" (log steps)

@@ -17,6 +17,7 @@ from itertools import combinations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from data_pipeline.contract import MODALITIES
@@ -50,8 +51,11 @@ class Trainer:
         device: torch.device,
         batches: Iterator[dict[str, Any]] | None = None,
         sinks: Iterable[StepSink] = (),
+        read_every: int = 0,
     ):
-        """`batches` replaces the shard loader (benchmarks feed in-memory batches)."""
+        """`batches` replaces the shard loader (benchmarks feed in-memory batches);
+        `read_every` > 0 also reads the step's values every that many steps (a sink
+        that reports between log steps)."""
         self.cfg, self.run_dir, self.device = cfg, run_dir, device
         self.engine, self.objective, self.completion = engine, objective, completion
         self.rank, self.world = rank(), world_size()
@@ -62,6 +66,8 @@ class Trainer:
         self._external_batches = batches
         self.batches: Iterator[dict[str, Any]] | None = None
         self.float_dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+        self.read_every = read_every
+        self._read_next = True  # the first step of each fit reads (its loss starts the summary)
 
     @property
     def out_dir(self) -> Path:
@@ -129,43 +135,80 @@ class Trainer:
                 )
         return out
 
+    def _reads(self, step: int) -> bool:
+        """Whether step `step` (1-based) reads its values back from the device: log
+        steps, the last step, the first step of each `fit`, and every `read_every`-th
+        step (a sink's reporting interval). Other steps never wait on the device."""
+        cfg = self.cfg
+        logged = step % cfg.train.log_every == 0 or step == cfg.train.steps or step == cfg.train.stop_at
+        return logged or self._read_next or bool(self.read_every and step % self.read_every == 0)
+
     def train_step(self) -> StepResult:
-        """One optimizer step (train.grad_accum micro-steps)."""
+        """One optimizer step (train.grad_accum micro-steps).
+
+        No host synchronisation outside the steps that read (see `_reads`): the
+        loss, its terms and the logit scale are summed on the device and read
+        in one transfer on those steps; the present and imputed counts come
+        from the batch's mask on the host (`Completion.available`), before it
+        is moved to the device. Exceptions, by design: an exact calibrator fit
+        (`calibration.exact_fit`, on its refit steps) tests convergence on the host.
+        """
         assert self.batches is not None, "fit() sets up the batches"
         cfg = self.cfg
         start = time.perf_counter()
-        logged = (self.step + 1) % cfg.train.log_every == 0 or self.step + 1 == cfg.train.steps
-        data_wait = completion_time = loss_value = 0.0
-        terms: dict[str, float] = {}
-        present_counts = torch.zeros(len(MODALITIES), dtype=torch.long)
-        imputed_counts = torch.zeros(len(MODALITIES), dtype=torch.long)
+        step = self.step + 1
+        logged = step % cfg.train.log_every == 0 or step == cfg.train.steps or step == cfg.train.stop_at
+        read = self._reads(step)
+        self._read_next = False
+        data_wait = completion_time = 0.0
+        sums: dict[str, torch.Tensor] = {}  # on the device: "loss_value", "loss/<term>", "active/<term>"
+        present_counts = np.zeros(len(MODALITIES), dtype=np.int64)
+        imputed_counts = np.zeros(len(MODALITIES), dtype=np.int64)
         diagnostics: dict[str, Any] = {}
-        logit_scale = float("nan")
+        logit_scale: torch.Tensor | None = None
         for micro in range(cfg.train.grad_accum):
             t0 = time.perf_counter()
             batch = next(self.batches)
             data_wait += time.perf_counter() - t0
-            present_counts += batch["present"].sum(0)
+            # Host-side counts from the loader's CPU mask (numpy(): host memory only, never a device read).
+            present = batch["present"]
+            available = self.completion.available(present, self.step)
+            present_counts += present.numpy().sum(0)
+            imputed_counts += (available & ~present).numpy().sum(0)
             batch = self._to_device(batch)
             out = self.engine(batch)
             t1 = time.perf_counter()
             done = self.completion.complete(out["emb"], batch["present"], self.step)
             completion_time += time.perf_counter() - t1
-            imputed_counts += (done.available & ~done.observed).sum(0).cpu()
             losses = self.objective(done.emb, done.observed, out["logit_scale"], MODALITIES, available=done.available)
             self.engine.backward(losses["loss"])
             self.engine.step()
             if logged and micro == cfg.train.grad_accum - 1:
                 diagnostics = self._diagnostics(out["emb"], batch["present"])
-            loss_value += float(losses["loss_value"]) / cfg.train.grad_accum
-            logit_scale = float(out["logit_scale"].detach()[0])
-            for k, v in losses.items():
-                if k.startswith("loss/"):
-                    terms[k] = terms.get(k, 0.0) + float(v) / cfg.train.grad_accum
+            for key, value in losses.items():
+                if key != "loss":
+                    value = value.detach().float()
+                    sums[key] = sums[key] + value if key in sums else value
+            logit_scale = out["logit_scale"].detach()
         self.step += 1
         t1 = time.perf_counter()
         self.completion.end_step(self.step)
         completion_time += time.perf_counter() - t1
+        loss_value: float | None = None
+        terms: dict[str, float] = {}
+        scale_value: float | None = None
+        if read:  # one device-to-host transfer for every value of the step
+            assert logit_scale is not None
+            names = sorted(sums)
+            values = torch.stack([sums[k] for k in names] + [logit_scale.reshape(-1)[0].float()]).tolist()
+            got = dict(zip(names, values[:-1]))
+            scale_value = values[-1]
+            loss_value = got["loss_value"] / cfg.train.grad_accum
+            terms = {
+                k: v / cfg.train.grad_accum
+                for k, v in got.items()
+                if k.startswith("loss/") and got["active/" + k[5:]] > 0
+            }
         elapsed = time.perf_counter() - start
         samples = cfg.data.batch_size * cfg.train.grad_accum * self.world
         return StepResult(
@@ -173,7 +216,7 @@ class Trainer:
             loss=loss_value,
             terms=terms,
             lr=float(self.engine.get_lr()[0]),
-            logit_scale=logit_scale,
+            logit_scale=scale_value,
             samples_per_s=samples / elapsed,
             step_time_s=elapsed,
             data_wait_s=data_wait,
@@ -181,8 +224,9 @@ class Trainer:
             present=present_counts.tolist(),
             imputed=imputed_counts.tolist(),
             logged=logged,
+            read=read,
             log_likelihood=diagnostics.get("log_likelihood"),
-            calibrator=self.completion.extra_metrics(),
+            calibrator=self.completion.extra_metrics() if read else {},
             anchor_shift=diagnostics.get("anchor_shift", {}),
             positive_cosine=diagnostics.get("positive_cosine", {}),
             bad_samples=self.batches.state.bad_samples if isinstance(self.batches, BatchLoader) else None,
@@ -203,6 +247,7 @@ class Trainer:
         else:
             self.batches = BatchLoader(cfg.data, self.rank, self.world, self.loader_state)
         history: list[StepResult] = []
+        self._read_next = True
         self.engine.train()
         try:
             while self.step < cfg.train.steps:
@@ -227,13 +272,15 @@ def build_trainer(
     *,
     batches: Iterator[dict[str, Any]] | None = None,
     sinks: Iterable[StepSink] = (),
+    read_every: int = 0,
 ) -> Trainer:
     """Join (or make) the process group and build every part of a run from `cfg`.
 
     `run_dir` defaults to `train.out_dir`; rank 0 writes the resolved config
     there. With `train.init_from` the model (and, asked, the completion state)
     starts from another run's checkpoint (pretrain/init_from.py). `batches` replaces the shard loader; `sinks` receive every step's
-    result besides the run log. Collective: every rank calls it."""
+    result besides the run log; `read_every` makes every that-many-th step read its
+    loss back (see `Trainer._reads`). Collective: every rank calls it."""
     init_distributed()
     run_dir = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir or cfg.train.out_dir)
     device = device_for_rank()
@@ -248,6 +295,8 @@ def build_trainer(
     engine = build_engine(model, cfg, world_size())
     objective = create_objective(cfg.loss)
     completion = completion.to(device)
-    trainer = Trainer(cfg, run_dir, engine, objective, completion, device, batches=batches, sinks=sinks)
+    trainer = Trainer(
+        cfg, run_dir, engine, objective, completion, device, batches=batches, sinks=sinks, read_every=read_every
+    )
     seed_everything(cfg.train.seed + 1000 * rank())  # per-rank draws from here on (dropout, fill-ins)
     return trainer

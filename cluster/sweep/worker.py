@@ -59,7 +59,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     cfg = config_from_dict(loop_config["config"], "<sweep trial>")
     run = RunDir(cfg.train.out_dir)
     reporter = TuneReporter(int(loop_config["report_every"]), cfg.train.steps)
-    trainer = build_trainer(cfg, run, sinks=[reporter])  # joins Ray's process group
+    # the reporter needs the loss every report_every steps: those steps read it back
+    trainer = build_trainer(cfg, run, sinks=[reporter], read_every=reporter.every)  # joins Ray's process group
     # A restarted trial (resumed sweep, retried failure) continues its own run.
     history = trainer.fit(resume="auto")
     metrics: dict[str, Any] = {"step": trainer.step, "loss": history[-1].loss if history else run.last_logged_loss()}

@@ -1,0 +1,119 @@
+"""No host synchronisation in the training step outside the steps that read.
+
+On a GPU every `.item()`, `float(t)`, `bool(t)`, `.cpu()` or `.tolist()` of a
+device tensor stalls the step until the device catches up. On CPU there is no
+device to wait on, so the test counts the calls themselves: Python's reads of
+tensor values are patched to count (with where they were called from) while
+the trainer runs steps that do not log. The loss, terms and logit scale must
+stay on the device until a log step reads them in one transfer. With CUDA,
+`torch.cuda.set_sync_debug_mode` counts real synchronisations instead.
+"""
+
+from __future__ import annotations
+
+import itertools
+import traceback
+import warnings
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.helpers import tiny_config
+
+# Reads of a tensor's value from Python (numpy() is left out: it refuses device tensors).
+READS = ("item", "__float__", "__int__", "__bool__", "cpu", "tolist")
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _origin(filename: str) -> str:
+    """Whose code made the call: calmrl's own packages, DeepSpeed, or something else."""
+    if "/deepspeed/" in filename:
+        return "deepspeed"
+    path = Path(filename).resolve()
+    if path.is_relative_to(REPO) and not path.is_relative_to(REPO / ".venv") and "site-packages" not in filename:
+        return "calmrl"
+    return "other"
+
+
+@contextmanager
+def count_reads(monkeypatch: pytest.MonkeyPatch) -> Iterator[Counter]:
+    """Count every read of a tensor's value, by origin and call site (the first frame outside torch)."""
+    calls: Counter = Counter()
+    with monkeypatch.context() as patch:
+        for name in READS:
+            original = getattr(torch.Tensor, name)
+
+            def counting(self, *args, _name=name, _original=original, **kwargs):
+                frames = [f for f in traceback.extract_stack()[:-1] if "/torch/" not in f.filename]
+                site = f"{Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else "?"
+                origin = _origin(frames[-1].filename) if frames else "other"
+                calls[origin, f"{_name} at {site}"] += 1
+                return _original(self, *args, **kwargs)
+
+            patch.setattr(torch.Tensor, name, counting)
+        yield calls
+
+
+def _trainer(synthetic_dir: Path, tmp_path: Path, objective: str, method: str, zero_stage: int):
+    from data_pipeline.reader import BatchLoader
+    from pretrain.trainer import build_trainer
+
+    cfg = tiny_config(
+        synthetic_dir / "train",
+        tmp_path / "run",
+        train={"steps": 12, "log_every": 6, "zero_stage": zero_stage},
+        loss={"objective": objective, "pairwise_weight": 1.0 if objective != "pairwise" else 0.0},
+        calibration={"method": method, "warmup_steps": 2},
+    )
+    batches = list(itertools.islice(BatchLoader(cfg.data, 0, 1), 12))  # in memory: count the step, not the reader
+    trainer = build_trainer(cfg, batches=iter(batches))
+    trainer.batches = trainer._external_batches
+    return trainer
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize(
+    "objective,method,zero_stage",
+    [("pairwise", "calmrl", 1), ("gram", "calmrl", 2), ("pmrl", "calmrl", 3), ("gram", "mean_fill", 1)],
+)
+def test_steps_between_logs_never_read_the_device(synthetic_dir, tmp_path, monkeypatch, objective, method, zero_stage):
+    trainer = _trainer(synthetic_dir, tmp_path, objective, method, zero_stage)
+    first = trainer.train_step()  # the first step of a fit reads (the summary's first loss)
+    assert first.read and first.loss is not None
+    with count_reads(monkeypatch) as calls:
+        # steps 2-5: the calibrator's warm-up ends after step 2, so steps 3-5 impute and run the M-step
+        quiet = [trainer.train_step() for _ in range(4)]
+    assert not any(r.read or r.logged for r in quiet)
+    assert all(r.loss is None and r.terms == {} for r in quiet)
+    own = {site: n for (origin, site), n in calls.items() if origin == "calmrl"}
+    assert own == {}, f"calmrl reads tensors on the host during steps that do not log: {own}"
+    # DeepSpeed's ZeRO 1/2 optimizer checks the gradient norm on the host every step
+    # (deepspeed/runtime/utils.py, is_invalid_grad_norm: a real sync on a GPU, not ours to
+    # remove; docs/scaling.md) and torch's Adam reads its CPU step counter. Nothing else may.
+    others = {site: n for (origin, site), n in calls.items() if origin == "other"}
+    assert others == {}, f"unexpected host reads: {others}"
+    logged = trainer.train_step()  # step 6 logs: one transfer, every value there
+    assert logged.logged and logged.read and logged.loss is not None and logged.terms
+    assert sum(logged.imputed) > 0 if method in ("calmrl", "mean_fill") else True
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: counts real synchronisations")
+def test_no_cuda_synchronisation_between_logs(synthetic_dir, tmp_path):
+    trainer = _trainer(synthetic_dir, tmp_path, "gram", "calmrl", 2)
+    trainer.train_step()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(4):
+                trainer.train_step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+    assert syncs == []
