@@ -27,6 +27,7 @@ class MultiModalModel(nn.Module):
             torch.tensor([math.log(cfg.logit_scale_init)]), requires_grad=cfg.logit_scale_learnable
         )
         self.max_log_logit_scale = math.log(cfg.logit_scale_max)
+        self.dense_encode = cfg.dense_encode
 
     def logit_scale(self) -> torch.Tensor:
         return self.log_logit_scale.clamp(max=self.max_log_logit_scale).exp()
@@ -40,6 +41,8 @@ class MultiModalModel(nn.Module):
         module's forward and backward, or the parameter gathers hang.
         """
         present = batch["present"][:, self.modalities.index(modality)]
+        if self.dense_encode:
+            return self._encode_dense(modality, batch, present)
         rows = present.nonzero(as_tuple=True)[0]
         empty = rows.numel() == 0
         if empty:
@@ -55,6 +58,23 @@ class MultiModalModel(nn.Module):
             emb = emb * 0.0
         out = emb.new_zeros(present.shape[0], emb.shape[1])
         return out.index_copy(0, rows, emb)
+
+    def _encode_dense(self, modality: str, batch: dict[str, torch.Tensor], present: torch.Tensor) -> torch.Tensor:
+        """`encode` with the tower run on every row (`model.dense_encode`): same values on
+        the present rows, zeros elsewhere, and shapes that never depend on the data.
+
+        Absent rows' boolean masks (e.g. `text_mask`) are set all-true first: in attention
+        implementations where a fully masked row gives NaN (torch 2.13's own gives zeros,
+        other towers' may not), `where` would drop that output but NaN would still flow
+        back into the weights through the dropped branch."""
+        inputs = {}
+        for key, value in batch.items():
+            if isinstance(value, torch.Tensor) and key.startswith(modality):
+                if value.dtype == torch.bool:
+                    value = value | ~present.view(-1, *([1] * (value.dim() - 1)))
+                inputs[key] = value
+        emb = F.normalize(self.heads[modality](self.towers[modality](inputs)).float(), dim=-1)
+        return torch.where(present.unsqueeze(1), emb, torch.zeros((), dtype=emb.dtype, device=emb.device))
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, object]:
         # The logit scale is read inside forward: under ZeRO-3 a parameter is

@@ -105,3 +105,32 @@ def test_optimizer_freezes_towers_and_scales_their_learning_rate():
             assert in_opt[id(p)] == pytest.approx(0.1 * cfg.train.lr), name
         else:
             assert in_opt[id(p)] == pytest.approx(cfg.train.lr), name  # heads, other towers, logit scale
+
+
+def test_dense_encode_equals_present_rows_only_and_keeps_gradients_finite():
+    """`model.dense_encode` runs every tower on every row: the same embeddings and
+    gradients as encoding the present rows only, also when an absent row's text is
+    fully masked."""
+    b = batch()
+    b["text_mask"][1] = False  # row 1 has no text: every token masked
+    b["text"][1] = 0
+    results = []
+    for dense in (False, True):
+        torch.manual_seed(0)
+        model = MultiModalModel(ModelConfig(dense_encode=dense), DataConfig(), vocab_size=50).eval()
+        out = model(b)
+        loss = sum((e * torch.linspace(0.1, 1.0, e.shape[1])).sum() for e in out["emb"].values())
+        loss.backward()
+        results.append(
+            ({m: e.detach() for m, e in out["emb"].items()}, {n: p.grad for n, p in model.named_parameters()})
+        )
+    (sparse_emb, sparse_grads), (dense_emb, dense_grads) = results
+    for m in sparse_emb:
+        assert torch.allclose(sparse_emb[m], dense_emb[m], atol=1e-5), m
+    for name, grad in sparse_grads.items():
+        other = dense_grads[name]
+        if grad is None:
+            assert other is None or torch.count_nonzero(other) == 0, name
+            continue
+        assert other is not None and torch.isfinite(other).all(), name
+        assert torch.allclose(grad, other, atol=1e-5), name
