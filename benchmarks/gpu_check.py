@@ -23,7 +23,9 @@ GPUs with --all) and reports:
     scripts/gpu_check.sh                     # the same, one line
 
 It prints one table and should finish in under 5 minutes on one modern GPU.
-Without CUDA it says so and exits with status 2.
+Without CUDA it says so and exits with status 2. `--smoke` runs the same
+pipeline on CPU with tiny towers and fp32 in place of bf16 (no GPU figures):
+the test suite uses it so that the script itself is known to work.
 """
 
 from __future__ import annotations
@@ -98,7 +100,32 @@ def require_cuda() -> None:
 # -- the worker: one case, in a torchrun job ---------------------------------
 
 
+SMOKE = [  # --smoke: tiny towers and batches, so the pipeline runs on 2 CPU cores
+    "--data.image_size=32",
+    "--data.sample_rate=8000",
+    "--data.audio_seconds=0.5",
+    "--data.n_mels=32",
+    "--data.n_fft=256",
+    "--data.hop_length=80",
+    "--model.embed_dim=32",
+    "--model.image.width=16",
+    "--model.image.depth=2",
+    "--model.text.width=32",
+    "--model.text.depth=1",
+    "--model.text.heads=2",
+    "--model.audio.width=16",
+    "--model.audio.depth=2",
+    "--calibration.latent_dim=8",
+]
+
+
 def _overrides(args: argparse.Namespace, zero: int, precision: str, out_dir: Path) -> list[str]:
+    if args.smoke:  # CPU: fp32 (bf16 matmuls run at 0.2 GFLOP/s there), tiny sizes
+        return _base_overrides(args, zero, "fp32", out_dir) + SMOKE
+    return _base_overrides(args, zero, precision, out_dir)
+
+
+def _base_overrides(args: argparse.Namespace, zero: int, precision: str, out_dir: Path) -> list[str]:
     return [
         f"--data.shards={args.data}/train",
         f"--data.batch_size={args.batch}",
@@ -117,8 +144,12 @@ def _overrides(args: argparse.Namespace, zero: int, precision: str, out_dir: Pat
     ] + ([f"--loss.column_chunk={args.column_chunk}"] if args.column_chunk is not None else [])
 
 
-def _sync_count(trainer: Any, steps: int) -> int:
-    """Synchronisations torch reports in `steps` steps that do not log."""
+def _sync_count(trainer: Any, steps: int) -> int | None:
+    """Synchronisations torch reports in `steps` steps that do not log (None on CPU)."""
+    if not torch.cuda.is_available():
+        for _ in range(steps):
+            trainer.train_step()
+        return None
     torch.cuda.set_sync_debug_mode("warn")
     try:
         with warnings.catch_warnings(record=True) as caught:
@@ -130,17 +161,22 @@ def _sync_count(trainer: Any, steps: int) -> int:
     return sum("synchroniz" in str(w.message).lower() for w in caught)
 
 
+def _synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def _calibrator_ms(trainer: Any, batch: dict[str, Any], reps: int = 10) -> float:
     """One step's completion (E-step, statistics, imputation, M-step), timed alone."""
     with torch.no_grad():
         emb = trainer.model(trainer._to_device(batch))["emb"]
         present = batch["present"].to(trainer.device)
-        torch.cuda.synchronize()
+        _synchronize()
         t0 = time.perf_counter()
         for _ in range(reps):
             trainer.completion.complete(emb, present, trainer.step)
             trainer.completion.end_step(trainer.step)
-        torch.cuda.synchronize()
+        _synchronize()
     return 1000 * (time.perf_counter() - t0) / reps
 
 
@@ -171,10 +207,10 @@ def worker(args: argparse.Namespace) -> None:
         "samples_per_s": statistics.median(h.samples_per_s for h in timed),
         "step_ms": 1000 * step_s,
         "flops_per_step": flops * world_size(),  # every rank counts its own share
-        "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
         "data_wait_share": sum(h.data_wait_s for h in timed) / sum(h.step_time_s for h in timed),
         "calibrator_share": calibrator_ms / (1000 * step_s),
-        "syncs_per_step": syncs / 3,
+        "syncs_per_step": None if syncs is None else syncs / 3,
         "losses": {h.step: h.loss for h in history if h.read},
     }
     if rank() == 0:
@@ -184,13 +220,16 @@ def worker(args: argparse.Namespace) -> None:
 # -- the driver --------------------------------------------------------------
 
 
-def build_data(path: Path, samples: int) -> None:
+def build_data(path: Path, samples: int, smoke: bool) -> None:
     if (path / "train" / "index.json").exists():
         return
     from data_pipeline.synthetic import SyntheticSpec, build_synthetic
 
-    spec = SyntheticSpec(num_samples=samples, image_size=128, sample_rate=16000, audio_seconds=2.0, shard_size=128)
-    build_synthetic(path, spec, progress=True)
+    if smoke:
+        spec = SyntheticSpec(num_samples=samples, image_size=32, sample_rate=8000, audio_seconds=0.5, shard_size=32)
+    else:
+        spec = SyntheticSpec(num_samples=samples, image_size=128, sample_rate=16000, audio_seconds=2.0, shard_size=128)
+    build_synthetic(path, spec, progress=not smoke)
 
 
 def run_case(args: argparse.Namespace, name: str, nproc: int) -> dict[str, Any]:
@@ -202,6 +241,10 @@ def run_case(args: argparse.Namespace, name: str, nproc: int) -> dict[str, Any]:
         tail = "\n".join((done.stdout + done.stderr).splitlines()[-40:])
         return {"case": name, "error": f"exit {done.returncode} after {time.perf_counter() - started:.0f} s:\n{tail}"}
     return json.loads((Path(args.out) / name / "result.json").read_text())
+
+
+def _cell(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
 
 
 def tracking_gap(case: dict[str, Any], reference: dict[str, Any]) -> float | None:
@@ -222,18 +265,21 @@ def main() -> None:
     parser.add_argument("--peak-tflops", type=float, default=None, help="the device's dense bf16 peak")
     parser.add_argument("--data", default=str(REPO / "runs/gpu-check/data"))
     parser.add_argument("--out", default=str(REPO / "runs/gpu-check"))
+    parser.add_argument("--smoke", action="store_true", help="the pipeline on CPU: tiny towers, fp32, no GPU figures")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    require_cuda()
+    if not args.smoke:
+        require_cuda()
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache/torch_extensions"))
     if args.worker:
         worker(args)
         return
     started = time.perf_counter()
-    device = torch.cuda.get_device_name(0)
-    peak = peak_tflops(device, args.peak_tflops)
-    build_data(Path(args.data), args.samples)
-    counts = [1] + ([torch.cuda.device_count()] if args.all and torch.cuda.device_count() > 1 else [])
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU (smoke run: no GPU figures)"
+    peak = peak_tflops(device, args.peak_tflops) if torch.cuda.is_available() else None
+    build_data(Path(args.data), args.samples, args.smoke)
+    gpus = torch.cuda.device_count()
+    counts = [1] + ([gpus] if args.all and gpus > 1 else [])
     rows = []
     for nproc in counts:
         results = {name: run_case(args, name, nproc) for name, _, _ in CASES}
@@ -247,11 +293,14 @@ def main() -> None:
             gap = tracking_gap(r, reference) if precision == "bf16" and "error" not in reference else None
             rows.append(
                 f"{name:<12}{nproc:>5}{r['samples_per_s']:>11.0f}{r['step_ms']:>10.1f}"
-                f"{'' if mfu is None else f'{100 * mfu:.1f}%':>8}{r['peak_mem_gib']:>9.2f}"
-                f"{100 * r['data_wait_share']:>10.1f}%{100 * r['calibrator_share']:>9.1f}%{r['syncs_per_step']:>8.1f}"
+                f"{'' if mfu is None else f'{100 * mfu:.1f}%':>8}{_cell(r['peak_mem_gib'], '.2f'):>9}"
+                f"{100 * r['data_wait_share']:>10.1f}%{100 * r['calibrator_share']:>9.1f}%"
+                f"{_cell(r['syncs_per_step'], '.1f'):>8}"
                 f"{'' if gap is None else f'{100 * gap:.2f}%':>12}"
             )
     print(f"\n{device}, {args.objective}, batch {args.batch}/GPU, {args.steps} steps; peak {peak or '?'} TFLOP/s bf16")
+    if args.smoke:
+        print("smoke run: every case trains in fp32 on CPU with tiny towers; the figures say nothing of a GPU")
     header = f"{'case':<12}{'GPUs':>5}{'samples/s':>11}{'step ms':>10}{'MFU':>8}{'mem GiB':>9}"
     print(header + f"{'data wait':>11}{'calib.':>10}{'syncs':>8}{'vs fp32':>12}")
     print("\n".join(rows))
