@@ -135,13 +135,16 @@ class Trainer:
                 )
         return out
 
+    def _logs(self, step: int) -> bool:
+        """Whether step `step` (1-based) is a log step: every `log_every`-th, the last, a `stop_at`."""
+        train = self.cfg.train
+        return step % train.log_every == 0 or step == train.steps or step == train.stop_at
+
     def _reads(self, step: int) -> bool:
         """Whether step `step` (1-based) reads its values back from the device: log
-        steps, the last step, the first step of each `fit`, and every `read_every`-th
-        step (a sink's reporting interval). Other steps never wait on the device."""
-        cfg = self.cfg
-        logged = step % cfg.train.log_every == 0 or step == cfg.train.steps or step == cfg.train.stop_at
-        return logged or self._read_next or bool(self.read_every and step % self.read_every == 0)
+        steps, the first step of each `fit`, and every `read_every`-th step (a sink's
+        reporting interval). Other steps never wait on the device."""
+        return self._logs(step) or self._read_next or bool(self.read_every and step % self.read_every == 0)
 
     def train_step(self) -> StepResult:
         """One optimizer step (train.grad_accum micro-steps).
@@ -157,8 +160,7 @@ class Trainer:
         cfg = self.cfg
         start = time.perf_counter()
         step = self.step + 1
-        logged = step % cfg.train.log_every == 0 or step == cfg.train.steps or step == cfg.train.stop_at
-        read = self._reads(step)
+        logged, read = self._logs(step), self._reads(step)
         self._read_next = False
         data_wait = completion_time = 0.0
         sums: dict[str, torch.Tensor] = {}  # on the device: "loss_value", "loss/<term>", "active/<term>"
@@ -170,8 +172,9 @@ class Trainer:
             t0 = time.perf_counter()
             batch = next(self.batches)
             data_wait += time.perf_counter() - t0
-            # Host-side counts from the loader's CPU mask (numpy(): host memory only, never a device read).
-            present = batch["present"]
+            # Host-side counts from the loader's CPU mask (numpy(): host memory only, never a
+            # device read). Batches given on a device have their mask copied back: a sync.
+            present = batch["present"].cpu() if batch["present"].device.type != "cpu" else batch["present"]
             available = self.completion.available(present, self.step)
             present_counts += present.numpy().sum(0)
             imputed_counts += (available & ~present).numpy().sum(0)

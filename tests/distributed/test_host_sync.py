@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import tiny_config
+from tests.helpers import run_distributed, tiny_config
 
 # Reads of a tensor's value from Python (numpy() is left out: it refuses device tensors).
 READS = ("item", "__float__", "__int__", "__bool__", "cpu", "tolist")
@@ -42,31 +42,40 @@ def _origin(filename: str) -> str:
 
 
 @contextmanager
-def count_reads(monkeypatch: pytest.MonkeyPatch) -> Iterator[Counter]:
-    """Count every read of a tensor's value, by origin and call site (the first frame outside torch)."""
+def count_reads() -> Iterator[Counter]:
+    """Count every read of a tensor's value, by origin and call site (the first frame
+    outside torch); the methods are restored on leaving."""
     calls: Counter = Counter()
-    with monkeypatch.context() as patch:
+    originals = {name: getattr(torch.Tensor, name) for name in READS}
+
+    def counting(name: str):
+        original = originals[name]
+
+        def read(self, *args, **kwargs):
+            frames = [f for f in traceback.extract_stack()[:-1] if "/torch/" not in f.filename]
+            site = f"{Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else "?"
+            origin = _origin(frames[-1].filename) if frames else "other"
+            calls[origin, f"{name} at {site}"] += 1
+            return original(self, *args, **kwargs)
+
+        return read
+
+    try:
         for name in READS:
-            original = getattr(torch.Tensor, name)
-
-            def counting(self, *args, _name=name, _original=original, **kwargs):
-                frames = [f for f in traceback.extract_stack()[:-1] if "/torch/" not in f.filename]
-                site = f"{Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else "?"
-                origin = _origin(frames[-1].filename) if frames else "other"
-                calls[origin, f"{_name} at {site}"] += 1
-                return _original(self, *args, **kwargs)
-
-            patch.setattr(torch.Tensor, name, counting)
+            setattr(torch.Tensor, name, counting(name))
         yield calls
+    finally:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, original)
 
 
-def _trainer(synthetic_dir: Path, tmp_path: Path, objective: str, method: str, zero_stage: int, dense: bool = True):
+def _trainer(shards: str, out_dir: str, objective: str, method: str, zero_stage: int, dense: bool):
     from data_pipeline.reader import BatchLoader
     from pretrain.trainer import build_trainer
 
     cfg = tiny_config(
-        synthetic_dir / "train",
-        tmp_path / "run",
+        shards,
+        out_dir,
         train={"steps": 12, "log_every": 6, "zero_stage": zero_stage},
         loss={"objective": objective, "pairwise_weight": 1.0 if objective != "pairwise" else 0.0},
         calibration={"method": method, "warmup_steps": 2},
@@ -78,25 +87,34 @@ def _trainer(synthetic_dir: Path, tmp_path: Path, objective: str, method: str, z
     return trainer
 
 
-@pytest.mark.timeout(300)
-@pytest.mark.parametrize(
-    "objective,method,zero_stage,dense",
-    [
-        ("pairwise", "calmrl", 1, False),
-        ("gram", "calmrl", 2, True),
-        ("pmrl", "calmrl", 3, True),
-        ("gram", "mean_fill", 1, False),
-    ],
-)
-def test_steps_between_logs_never_read_the_device(
-    synthetic_dir, tmp_path, monkeypatch, objective, method, zero_stage, dense
-):
-    trainer = _trainer(synthetic_dir, tmp_path, objective, method, zero_stage, dense)
+def _count_in_steps(rank: int, world: int, shards: str, out_dir: str, case: tuple) -> dict:
+    """In a spawned process (the trainer joins a process group and sets its environment):
+    one reading step, four counted steps that do not log, then a log step."""
+    trainer = _trainer(shards, out_dir, *case)
     first = trainer.train_step()  # the first step of a fit reads (the summary's first loss)
-    assert first.read and first.loss is not None
-    with count_reads(monkeypatch) as calls:
+    with count_reads() as calls:
         # steps 2-5: the calibrator's warm-up ends after step 2, so steps 3-5 impute and run the M-step
         quiet = [trainer.train_step() for _ in range(4)]
+    logged = trainer.train_step()  # step 6 logs: one transfer, every value there
+    return {"first": first, "quiet": quiet, "logged": logged, "calls": dict(calls)}
+
+
+CASES = [
+    ("pairwise", "calmrl", 1, False),
+    ("gram", "calmrl", 2, True),
+    ("pmrl", "calmrl", 3, True),
+    ("gram", "mean_fill", 1, False),
+]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("case", CASES, ids=[f"{o}-{m}-zero{z}-{'dense' if d else 'present'}" for o, m, z, d in CASES])
+def test_steps_between_logs_never_read_the_device(synthetic_dir, tmp_path, case):
+    out = run_distributed(
+        _count_in_steps, 1, tmp_path / "ipc", str(synthetic_dir / "train"), str(tmp_path / "run"), case
+    )
+    first, quiet, logged, calls = out[0]["first"], out[0]["quiet"], out[0]["logged"], out[0]["calls"]
+    assert first.read and first.loss is not None
     assert not any(r.read or r.logged for r in quiet)
     assert all(r.loss is None and r.terms == {} for r in quiet)
     own = {site: n for (origin, site), n in calls.items() if origin == "calmrl"}
@@ -106,14 +124,12 @@ def test_steps_between_logs_never_read_the_device(
     # remove; docs/scaling.md) and torch's Adam reads its CPU step counter. Nothing else may.
     others = {site: n for (origin, site), n in calls.items() if origin == "other"}
     assert others == {}, f"unexpected host reads: {others}"
-    logged = trainer.train_step()  # step 6 logs: one transfer, every value there
     assert logged.logged and logged.read and logged.loss is not None and logged.terms
-    assert sum(logged.imputed) > 0 if method in ("calmrl", "mean_fill") else True
+    assert sum(logged.imputed) > 0
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: counts real synchronisations")
-def test_no_cuda_synchronisation_between_logs(synthetic_dir, tmp_path):
-    trainer = _trainer(synthetic_dir, tmp_path, "gram", "calmrl", 2)
+def _cuda_syncs(rank: int, world: int, shards: str, out_dir: str) -> list[str]:
+    trainer = _trainer(shards, out_dir, "gram", "calmrl", 2, True)
     trainer.train_step()
     torch.cuda.set_sync_debug_mode("warn")
     try:
@@ -123,5 +139,10 @@ def test_no_cuda_synchronisation_between_logs(synthetic_dir, tmp_path):
                 trainer.train_step()
     finally:
         torch.cuda.set_sync_debug_mode(0)
-    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
-    assert syncs == []
+    return [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: counts real synchronisations")
+def test_no_cuda_synchronisation_between_logs(synthetic_dir, tmp_path):
+    syncs = run_distributed(_cuda_syncs, 1, tmp_path / "ipc", str(synthetic_dir / "train"), str(tmp_path / "run"))
+    assert syncs[0] == []
