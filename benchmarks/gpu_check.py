@@ -2,8 +2,10 @@
 
 Builds a small synthetic split at the GPU preset's sizes, then trains the GPU
 preset's towers (configs/gpu_8x.yaml) for a few dozen steps in each of: ZeRO
-0, 2 and 3 in bf16, and ZeRO 2 in fp32 with the same seed (the reference the
-bf16 loss must track). Each case runs in its own torchrun job on one GPU (all
+0, 2 and 3 in bf16, ZeRO 2 in bf16 with the objective's logits in chunks of a
+quarter of the batch (`loss.column_chunk`: its values equal the whole ones, so its loss must
+track too), and ZeRO 2 in fp32 with the same seed (the reference the bf16
+losses must track). Each case runs in its own torchrun job on one GPU (all
 GPUs with --all) and reports:
 
 - samples/s and step time (medians after warm-up);
@@ -60,11 +62,14 @@ PEAK_BF16_TFLOPS = {
     "RTX 4090": 165.0,
 }
 
-CASES = [  # (name, ZeRO stage, precision)
-    ("zero0-bf16", 0, "bf16"),
-    ("zero2-bf16", 2, "bf16"),
-    ("zero3-bf16", 3, "bf16"),
-    ("zero2-fp32", 2, "fp32"),
+CASES = [  # (name, ZeRO stage, precision, extra overrides)
+    ("zero0-bf16", 0, "bf16", []),
+    ("zero2-bf16", 2, "bf16", []),
+    ("zero3-bf16", 3, "bf16", []),
+    # the chunked objective path, in chunks of a quarter of the local batch (one GPU's
+    # batch is below the preset's 4096-column chunk)
+    ("zero2-bf16-chunked", 2, "bf16", ["chunked"]),
+    ("zero2-fp32", 2, "fp32", []),
 ]
 
 
@@ -188,9 +193,10 @@ def worker(args: argparse.Namespace) -> None:
     from pretrain.distributed import rank, world_size
     from pretrain.trainer import build_trainer
 
-    name, zero, precision = next(c for c in CASES if c[0] == args.worker)
+    name, zero, precision, extra = next(c for c in CASES if c[0] == args.worker)
     out = Path(args.out) / name
-    cfg = load_config(str(REPO / "configs/gpu_8x.yaml"), _overrides(args, zero, precision, out / "run"))
+    extra = [f"--loss.column_chunk={max(1, args.batch // 4)}" if e == "chunked" else e for e in extra]
+    cfg = load_config(str(REPO / "configs/gpu_8x.yaml"), _overrides(args, zero, precision, out / "run") + extra)
     trainer = build_trainer(cfg)
     history = trainer.fit()  # args.steps steps, reading every 10th
     # FLOPs of one more step, counted (not timed); then syncs in steps 2-4 after a log step
@@ -282,17 +288,17 @@ def main() -> None:
     counts = [1] + ([gpus] if args.all and gpus > 1 else [])
     rows = []
     for nproc in counts:
-        results = {name: run_case(args, name, nproc) for name, _, _ in CASES}
+        results = {name: run_case(args, name, nproc) for name, *_ in CASES}
         reference = results["zero2-fp32"]
-        for name, _, precision in CASES:
+        for name, _, precision, _ in CASES:
             r = results[name]
             if "error" in r:
-                rows.append(f"{name:<12}{nproc:>5}  FAILED: {r['error']}")
+                rows.append(f"{name:<20}{nproc:>5}  FAILED: {r['error']}")
                 continue
             mfu = r["flops_per_step"] / (r["step_ms"] / 1000) / (peak * 1e12 * nproc) if peak else None
             gap = tracking_gap(r, reference) if precision == "bf16" and "error" not in reference else None
             rows.append(
-                f"{name:<12}{nproc:>5}{r['samples_per_s']:>11.0f}{r['step_ms']:>10.1f}"
+                f"{name:<20}{nproc:>5}{r['samples_per_s']:>11.0f}{r['step_ms']:>10.1f}"
                 f"{'' if mfu is None else f'{100 * mfu:.1f}%':>8}{_cell(r['peak_mem_gib'], '.2f'):>9}"
                 f"{100 * r['data_wait_share']:>10.1f}%{100 * r['calibrator_share']:>9.1f}%"
                 f"{_cell(r['syncs_per_step'], '.1f'):>8}"
@@ -301,7 +307,7 @@ def main() -> None:
     print(f"\n{device}, {args.objective}, batch {args.batch}/GPU, {args.steps} steps; peak {peak or '?'} TFLOP/s bf16")
     if args.smoke:
         print("smoke run: every case trains in fp32 on CPU with tiny towers; the figures say nothing of a GPU")
-    header = f"{'case':<12}{'GPUs':>5}{'samples/s':>11}{'step ms':>10}{'MFU':>8}{'mem GiB':>9}"
+    header = f"{'case':<20}{'GPUs':>5}{'samples/s':>11}{'step ms':>10}{'MFU':>8}{'mem GiB':>9}"
     print(header + f"{'data wait':>11}{'calib.':>10}{'syncs':>8}{'vs fp32':>12}")
     print("\n".join(rows))
     failed = sum("FAILED" in row for row in rows)

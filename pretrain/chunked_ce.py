@@ -15,7 +15,7 @@ sum of the available logits; the backward pass recomputes each chunk's logits
 and pushes the softmax gradient through `logits_fn` chunk by chunk. Memory is
 then O(P x chunk) for the logits and every intermediate of `logits_fn`,
 whatever N, at the price of computing the logits twice. Values and gradients
-equal the whole computation's (tests/distributed/test_chunked_ce.py).
+equal the whole computation's (tests/unit/test_chunked_ce.py).
 """
 
 from __future__ import annotations
@@ -140,9 +140,12 @@ class _ChunkedCE(torch.autograd.Function):
         n_available = key_available.sum().clamp_min(1).to(lse.dtype)
         q = queries.detach().requires_grad_(queries.requires_grad)
         s = scale.detach().requires_grad_(scale.requires_grad)
-        grad_q = torch.zeros_like(queries) if queries.requires_grad else None
-        grad_k = torch.zeros_like(keys) if keys.requires_grad else None
-        grad_s = torch.zeros_like(scale) if scale.requires_grad else None
+
+        # Accumulated over chunks in fp32 at least (bf16 sums would lose a bit per chunk).
+        def buffer(t: torch.Tensor) -> torch.Tensor | None:
+            return torch.zeros_like(t, dtype=torch.promote_types(t.dtype, torch.float32)) if t.requires_grad else None
+
+        grad_q, grad_k, grad_s = buffer(queries), buffer(keys), buffer(scale)
         for cols in _chunks(columns, ctx.chunk):
             k = keys[cols].detach().requires_grad_(keys.requires_grad)
             with torch.enable_grad():
@@ -173,4 +176,8 @@ class _ChunkedCE(torch.autograd.Function):
                 piece = next(grads)
                 if piece is not None:
                     grad_s += piece
-        return None, None, None, None, None, grad_q, grad_k, grad_s
+
+        def cast(g: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
+            return None if g is None else g.to(like.dtype)
+
+        return None, None, None, None, None, cast(grad_q, queries), cast(grad_k, keys), cast(grad_s, scale)

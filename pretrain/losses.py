@@ -99,7 +99,8 @@ def pairwise_infonce(
         )
         # rows that are no positive hold inf/nan: selected away, never multiplied
         weighted = torch.where(weights > 0, (ab + ba) * weights, 0.0)
-        term = 0.5 * weighted.sum() / totals[k].clamp_min(1.0).to(ab.dtype)
+        # totals are sums of weights (imputed pairs weigh < 1): guard only the 0/0 of an absent pair
+        term = 0.5 * weighted.sum() / torch.where(totals[k] > 0, totals[k], 1.0).to(ab.dtype)
         partial_terms.append(term.detach().double())
         loss = loss + term * (world / n_active.to(term.dtype))
     global_terms = global_batch.sum(torch.stack(partial_terms))
@@ -439,7 +440,11 @@ def pmrl(
 
 
 class Objective(Protocol):
-    """An alignment objective with its options bound (see `create_objective`)."""
+    """An alignment objective with its options bound (see `create_objective`).
+
+    Returns "loss" (this rank's part, for backward), "loss_value" (the global
+    value) and per term "loss/<term>", with "active/<term>" when the term can be
+    absent from a batch (a term without it is logged always). All device tensors."""
 
     def __call__(
         self,

@@ -210,7 +210,7 @@ class Trainer:
             terms = {
                 k: v / cfg.train.grad_accum
                 for k, v in got.items()
-                if k.startswith("loss/") and got["active/" + k[5:]] > 0
+                if k.startswith("loss/") and got.get("active/" + k[5:], 1.0) > 0
             }
         elapsed = time.perf_counter() - start
         samples = cfg.data.batch_size * cfg.train.grad_accum * self.world

@@ -59,6 +59,28 @@ def test_absent_rows_do_not_enter_the_loss():
     assert torch.allclose(pairwise_infonce(emb, present, scale, MODALITIES)["loss"], base)
 
 
+@pytest.mark.parametrize("chunk", [0, 4])
+def test_a_pair_held_only_by_imputed_rows_is_their_mean_loss(chunk):
+    """A pair's term is the weighted mean of its rows' losses: with every row of the
+    pair imputed on one side, `imputed_pair_weight` cancels out, however small the
+    total weight (0.3 x 2 rows = 0.6 here)."""
+    emb, _ = global_batch()
+    n = WORLD * B
+    observed = torch.zeros(n, len(MODALITIES), dtype=torch.bool)
+    observed[:2, 0] = True  # two rows observe the image only...
+    observed[2:, 2] = True  # ...the rest the audio only
+    available = observed.clone()
+    available[:2, 1] = True  # the two image rows get an imputed text
+    scale = torch.tensor([10.0])
+    terms = [
+        pairwise_infonce(
+            emb, observed, scale, MODALITIES, available=available, imputed_pair_weight=w, column_chunk=chunk
+        )["loss/image-text"]
+        for w in (0.3, 1.0)
+    ]
+    assert torch.allclose(terms[0], terms[1], atol=1e-6), terms
+
+
 def _rank_loss(rank: int, world: int):
     import torch.distributed as dist
 
