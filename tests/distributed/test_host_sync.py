@@ -119,7 +119,7 @@ def test_steps_between_logs_never_read_the_device(synthetic_dir, tmp_path, case)
     assert all(r.loss is None and r.terms == {} for r in quiet)
     own = {site: n for (origin, site), n in calls.items() if origin == "calmrl"}
     assert own == {}, f"calmrl reads tensors on the host during steps that do not log: {own}"
-    # DeepSpeed's ZeRO 1/2 optimizer checks the gradient norm on the host every step
+    # DeepSpeed's ZeRO optimizers (stages 1-3) check the gradient norm on the host every step
     # (deepspeed/runtime/utils.py, is_invalid_grad_norm: a real sync on a GPU, not ours to
     # remove; docs/scaling.md) and torch's Adam reads its CPU step counter. Nothing else may.
     others = {site: n for (origin, site), n in calls.items() if origin == "other"}
