@@ -83,7 +83,10 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
         from cluster.launch_local import launch_local
 
         forward = [args.config, *overrides] + (["--resume", args.resume] if args.resume else [])
-        return launch_local(args.nproc, forward)
+        return launch_local(args.nproc, forward, Path(cfg.train.out_dir), cfg.train.preempt_grace_s)
+    from pretrain.guard import EXIT_DIVERGED, EXIT_PREEMPTED, STOP_REQUEST, Diverged
+
+    STOP_REQUEST.install()  # from here a SIGTERM/SIGUSR1 stops after the next step, with a checkpoint
     from pretrain.runtime import configure_runtime
 
     configure_runtime()
@@ -93,20 +96,48 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     from pretrain.sinks import ProgressBar, StepSink
     from pretrain.trainer import build_trainer
 
-    init_distributed()
+    init_distributed(cfg.train.collective_timeout_s)
     sinks: list[StepSink] = [ProgressBar(cfg.train.steps)] if rank() == 0 else []
     if cfg.metrics.enabled:
         sinks.append(MetricsExporter(cfg.metrics, rank(), local_rank()))
     trainer = build_trainer(cfg, sinks=sinks)
-    history = trainer.fit(resume=args.resume)
+    try:
+        history = trainer.fit(resume=args.resume)
+    except Diverged as exc:
+        print(f"calmrl: training diverged: {exc}", file=sys.stderr)
+        return EXIT_DIVERGED
+    except Exception as exc:
+        if _is_collective_timeout(exc):
+            print(
+                f"calmrl: rank {rank()}: a collective waited over train.collective_timeout_s="
+                f"{cfg.train.collective_timeout_s:g} s at step {trainer.step + 1}: a peer rank died or stalled "
+                f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})",
+                file=sys.stderr,
+            )
+        raise
+    if trainer.stopped_by:
+        checkpoint = trainer.last_good_checkpoint()
+        if trainer.rank == 0:
+            trainer.run_dir.write_stopped(trainer.step, trainer.stopped_by, checkpoint)
+            print(f"stopped by {trainer.stopped_by} after step {trainer.step}: checkpoint {checkpoint}")
+        return EXIT_PREEMPTED
     if trainer.rank == 0 and history:
         last = history[-1]
         mean_sps = sum(h.samples_per_s for h in history) / len(history)
+        first_loss = f"{history[0].loss:.4f}" if history[0].loss is not None else "?"
+        last_loss = f"{last.loss:.4f}" if last.loss is not None else "?"
+        skipped = f", {last.skipped_total} skipped steps" if last.skipped_total else ""
         print(
-            f"trained to step {trainer.step}/{cfg.train.steps}: loss {history[0].loss:.4f} -> {last.loss:.4f}, "
-            f"{mean_sps:.1f} samples/s, checkpoint {trainer.out_dir / 'checkpoints'}"
+            f"trained to step {trainer.step}/{cfg.train.steps}: loss {first_loss} -> {last_loss}, "
+            f"{mean_sps:.1f} samples/s{skipped}, checkpoint {trainer.out_dir / 'checkpoints'}"
         )
     return 0
+
+
+def _is_collective_timeout(exc: BaseException) -> bool:
+    """gloo and NCCL report a collective that waited past the process group's timeout."""
+    text = str(exc)
+    return "Timed out" in text or "timed out" in text or "Timeout" in type(exc).__name__
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

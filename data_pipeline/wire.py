@@ -8,6 +8,7 @@ a megabyte. Small batch fields therefore travel as numpy, large ones as tensors.
 
 from __future__ import annotations
 
+import signal
 from typing import Any
 
 import numpy as np
@@ -39,5 +40,12 @@ def share_batches_by_file(worker_id: int) -> None:
     over a socket connection of its own: about 3 ms per batch of 7 tensors here,
     against 0.8 ms by name (`torch_shm_manager` removes files a dead process
     leaves). Only the workers change strategy; the main process receives
-    either kind."""
+    either kind.
+
+    Stop signals (SIGTERM, SIGINT, SIGUSR1) are ignored here: a job manager or
+    torchrun signals the whole process group, and the rank must finish its
+    step and save (pretrain/guard.py) while its workers keep serving; a worker
+    that died of the signal would fail the rank's next batch."""
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
     torch.multiprocessing.set_sharing_strategy("file_system")

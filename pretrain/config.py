@@ -142,6 +142,15 @@ class TrainConfig:
     init_from: str = ""  # RUN_DIR or RUN_DIR:TAG
     init_keys: list[str] = field(default_factory=list)  # glob patterns of the weights to load; [] = all, strictly
     init_calibrator: bool = False  # also take the source run's completion state
+    # Faults (pretrain/guard.py, docs/faults.md). A step whose loss or gradient is not
+    # finite on any rank (or, with loss_spike_factor > 0, whose global loss exceeds that
+    # factor times its running mean) is skipped on every rank; this many skipped steps in
+    # a row stop the run with the last good checkpoint named (0: never stop).
+    max_bad_steps: int = 10
+    loss_spike_factor: float = 0.0  # 0: off
+    loss_spike_warmup: int = 20  # good steps before the spike test applies
+    collective_timeout_s: float = 600.0  # a collective that waits longer ends the job (dead or stalled peer)
+    preempt_grace_s: int = 120  # after SIGTERM/SIGUSR1: time for the step and the save before SIGKILL
 
 
 @dataclass
@@ -162,6 +171,10 @@ class Config:
             (t.steps > 0, "train.steps", "must be positive"),
             (t.grad_accum >= 1, "train.grad_accum", "must be >= 1"),
             (len(t.betas) == 2, "train.betas", "must hold two numbers"),
+            (t.max_bad_steps >= 0, "train.max_bad_steps", "must be >= 0 (0: never stop)"),
+            (t.loss_spike_factor == 0 or t.loss_spike_factor > 1, "train.loss_spike_factor", "must be 0 (off) or > 1"),
+            (t.collective_timeout_s > 0, "train.collective_timeout_s", "must be positive"),
+            (t.preempt_grace_s > 0, "train.preempt_grace_s", "must be positive"),
             (0 <= t.warmup_steps <= t.steps, "train.warmup_steps", "must lie in [0, train.steps]"),
             (self.data.batch_size >= 1, "data.batch_size", "must be >= 1"),
             (self.data.num_workers >= 0, "data.num_workers", "must be >= 0"),

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from pretrain.config import Config
+from pretrain.guard import SkippableAdamW
 from pretrain.model import MultiModalModel
 
 
@@ -40,7 +41,7 @@ def deepspeed_config(cfg: Config, world: int) -> dict[str, Any]:
 
 
 def build_optimizer(model: MultiModalModel, cfg: Config) -> torch.optim.Optimizer:
-    """AdamW with one group per (tower or rest) x (decay or not).
+    """`SkippableAdamW` (torch's AdamW) with one group per (tower or rest) x (decay or not).
 
     No weight decay on biases, norms, position tables and the logit scale; a
     tower's `lr_mult` scales its groups' learning rate (the schedule scales
@@ -63,7 +64,8 @@ def build_optimizer(model: MultiModalModel, cfg: Config) -> torch.optim.Optimize
         {"params": params, "lr": cfg.train.lr * mult, "weight_decay": cfg.train.weight_decay if decay else 0.0}
         for (mult, decay), params in groups.items()
     ]
-    return torch.optim.AdamW(param_groups, lr=cfg.train.lr, betas=(cfg.train.betas[0], cfg.train.betas[1]))
+    # AdamW that the step guard can tell to leave a bad step out (pretrain/guard.py)
+    return SkippableAdamW(param_groups, lr=cfg.train.lr, betas=(cfg.train.betas[0], cfg.train.betas[1]))
 
 
 def build_engine(model: MultiModalModel, cfg: Config, world: int) -> Any:

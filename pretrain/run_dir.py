@@ -35,6 +35,7 @@ class RunDir:
     LOG = "log.jsonl"
     CHECKPOINTS = "checkpoints"
     EVAL = "eval"
+    STOPPED = "stopped.json"  # written when a signal stopped the run after a checkpoint
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -42,6 +43,7 @@ class RunDir:
         self.log_path = self.path / self.LOG
         self.checkpoints = self.path / self.CHECKPOINTS
         self.eval_dir = self.path / self.EVAL
+        self.stopped_path = self.path / self.STOPPED
 
     def __repr__(self) -> str:
         return f"RunDir({str(self.path)!r})"
@@ -124,3 +126,12 @@ class RunDir:
     def last_logged_loss(self) -> float:
         records = self.log_records()
         return float(records[-1]["loss"]) if records else math.nan
+
+    # -- a stop on a signal ----------------------------------------------------
+    def write_stopped(self, step: int, signal: str, checkpoint: str) -> None:
+        """Rank 0, after the checkpoint of a run a signal stopped: the launcher reads it."""
+        record = {"step": step, "signal": signal, "checkpoint": checkpoint}
+        atomic_write(self.stopped_path, json.dumps(record))
+
+    def clear_stopped(self) -> None:
+        self.stopped_path.unlink(missing_ok=True)

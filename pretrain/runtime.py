@@ -51,8 +51,14 @@ def configure_runtime(threads: int | None = None) -> None:
         torch.set_num_threads(threads)
 
 
-def init_distributed() -> None:
-    """Join the process group torchrun (or Ray Train) describes, or make a group of one."""
+def init_distributed(timeout_s: float | None = None) -> None:
+    """Join the process group torchrun (or Ray Train) describes, or make a group of one.
+
+    `timeout_s` bounds every collective (gloo and NCCL): a peer that died or
+    stalled ends the job with an error after that long instead of a silent wait
+    (`train.collective_timeout_s`; torch's default is 10 min for gloo, 10 for NCCL)."""
+    from datetime import timedelta
+
     import deepspeed
 
     if is_distributed():
@@ -62,7 +68,8 @@ def init_distributed() -> None:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    kwargs = {"timeout": timedelta(seconds=timeout_s)} if timeout_s else {}
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, **kwargs)
 
 
 def local_rank() -> int:

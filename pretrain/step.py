@@ -37,7 +37,10 @@ class StepResult:
     anchor_shift: dict[str, float] = field(default_factory=dict)  # "anchor_shift/<kind>" (log steps)
     # "cos/<a>-<b>": mean cosine of the batch's observed positive pairs (log steps); a negative one is a sign flip
     positive_cosine: dict[str, float] = field(default_factory=dict)
-    bad_samples: int | None = None  # cumulative bad samples of this rank's reader (shard loader only)
+    bad_samples: int | None = None  # cumulative bad samples of all ranks' readers (shard loader only)
+    skipped: bool = False  # the update was left out on every rank (pretrain/guard.py)
+    skip_reason: str = ""
+    skipped_total: int = 0  # skipped steps of this fit so far
     time: float = 0.0  # unix time at the end of the step
 
     def record(self) -> dict[str, Any]:
@@ -59,6 +62,9 @@ class StepResult:
         }
         if self.bad_samples is not None:
             out["bad_samples"] = self.bad_samples
+        out["skipped_steps"] = self.skipped_total
+        if self.skipped:
+            out["skipped"] = self.skip_reason
         out.update(self.anchor_shift)
         out.update(self.positive_cosine)
         out["time"] = self.time

@@ -28,6 +28,7 @@ from pretrain.completion import Completion
 from pretrain.config import Config
 from pretrain.distributed import rank, world_size
 from pretrain.engine import build_engine
+from pretrain.guard import STOP_REQUEST, Decision, Diverged, StepGuard, all_finite, find_skippable
 from pretrain.init_from import load_initial_completion, load_initial_weights
 from pretrain.losses import Objective, create_objective
 from pretrain.model import build_model
@@ -68,6 +69,12 @@ class Trainer:
         self.float_dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
         self.read_every = read_every
         self._read_next = True  # the first step of each fit reads (its loss starts the summary)
+        # Faults (pretrain/guard.py): one agreed decision per step; signals become a stop after the step.
+        self.guard = StepGuard(cfg.train, engine.module.parameters(), device)
+        self.optimizer = find_skippable(engine.optimizer)
+        self.stop_request = STOP_REQUEST
+        self.stopped_by: str | None = None  # set when a stop request (a signal on any rank) ended `fit`
+        self.last_decision: Decision | None = None
 
     @property
     def out_dir(self) -> Path:
@@ -78,7 +85,19 @@ class Trainer:
         return self.engine.module
 
     # -- checkpoints -------------------------------------------------------
+    def last_good_checkpoint(self) -> str:
+        """The checkpoint a diverged run would continue from, as a path (or why there is none)."""
+        if not self.run_dir.has_checkpoint():
+            return "none (the run has no checkpoint yet)"
+        return str(self.run_dir.checkpoints / (self.run_dir.checkpoints / "latest").read_text().strip())
+
     def save(self) -> Path:
+        """Collective: write a checkpoint of this step; refuses a model that is not finite."""
+        if not all_finite(self.model):
+            raise Diverged(
+                f"the model is not finite at step {self.step}: not saved, `latest` left at "
+                f"{self.last_good_checkpoint()}; resume from it with a lower train.lr"
+            )
         state = {
             "loader": self._loader_position(),
             "rng": rng_state(),
@@ -168,6 +187,7 @@ class Trainer:
         imputed_counts = np.zeros(len(MODALITIES), dtype=np.int64)
         diagnostics: dict[str, Any] = {}
         logit_scale: torch.Tensor | None = None
+        decision: Decision | None = None
         for micro in range(cfg.train.grad_accum):
             t0 = time.perf_counter()
             batch = next(self.batches)
@@ -184,9 +204,16 @@ class Trainer:
             done = self.completion.complete(out["emb"], batch["present"], self.step)
             completion_time += time.perf_counter() - t1
             losses = self.objective(done.emb, done.observed, out["logit_scale"], MODALITIES, available=done.available)
+            self.guard.observe_loss(losses["loss"])
             self.engine.backward(losses["loss"])
+            if micro == cfg.train.grad_accum - 1:  # before the update: every rank decides alike
+                decision = self.guard.decide(self.stop_request.requested, self._local_bad_samples())
+                self.optimizer.skip = not decision.apply
+                if not decision.apply:  # a skipped step is always in the log
+                    logged = read = True
             self.engine.step()
-            if logged and micro == cfg.train.grad_accum - 1:
+            self.optimizer.skip = False
+            if logged and micro == cfg.train.grad_accum - 1 and decision is not None and decision.apply:
                 diagnostics = self._diagnostics(out["emb"], batch["present"])
             for key, value in losses.items():
                 if key != "loss":
@@ -212,6 +239,8 @@ class Trainer:
                 for k, v in got.items()
                 if k.startswith("loss/") and got.get("active/" + k[5:], 1.0) > 0
             }
+        assert decision is not None
+        self.last_decision = decision
         elapsed = time.perf_counter() - start
         samples = cfg.data.batch_size * cfg.train.grad_accum * self.world
         return StepResult(
@@ -232,9 +261,15 @@ class Trainer:
             calibrator=self.completion.extra_metrics() if read else {},
             anchor_shift=diagnostics.get("anchor_shift", {}),
             positive_cosine=diagnostics.get("positive_cosine", {}),
-            bad_samples=self.batches.state.bad_samples if isinstance(self.batches, BatchLoader) else None,
+            bad_samples=decision.bad_samples if isinstance(self.batches, BatchLoader) else None,
+            skipped=not decision.apply,
+            skip_reason=decision.reason,
+            skipped_total=self.guard.skipped_total,
             time=time.time(),
         )
+
+    def _local_bad_samples(self) -> int:
+        return self.batches.state.bad_samples if isinstance(self.batches, BatchLoader) else 0
 
     # -- the loop ----------------------------------------------------------
     def fit(self, resume: str | None = None) -> list[StepResult]:
@@ -252,18 +287,34 @@ class Trainer:
         history: list[StepResult] = []
         self._read_next = True
         self.engine.train()
+        self.stopped_by = None
+        installed_here = not self.stop_request.installed and self.stop_request.install()
         try:
             while self.step < cfg.train.steps:
                 result = self.train_step()
                 history.append(result)
                 for sink in self.sinks:
                     sink.on_step(result)
+                if self.guard.exhausted:
+                    raise Diverged(
+                        f"step {self.step} was the {self.guard.bad_in_a_row}th skipped step in a row "
+                        f"(train.max_bad_steps={cfg.train.max_bad_steps}): {result.skip_reason}. Nothing after the "
+                        f"last good checkpoint was saved: {self.last_good_checkpoint()}; resume from it with a "
+                        "lower train.lr (or a larger train.max_bad_steps)"
+                    )
+                if (
+                    self.last_decision is not None and self.last_decision.stop
+                ):  # a signal reached some rank: all ranks save this step and stop
+                    self.stopped_by = self.stop_request.signal or "a signal to another rank"
+                    break
                 if cfg.train.ckpt_every and self.step % cfg.train.ckpt_every == 0 and self.step < cfg.train.steps:
                     self.save()
                 if cfg.train.stop_at and self.step >= cfg.train.stop_at:
                     break
             self.save()
         finally:
+            if installed_here:
+                self.stop_request.restore()
             for sink in self.sinks:
                 sink.close()
         return history
@@ -284,7 +335,7 @@ def build_trainer(
     starts from another run's checkpoint (pretrain/init_from.py). `batches` replaces the shard loader; `sinks` receive every step's
     result besides the run log; `read_every` makes every that-many-th step read its
     loss back (see `Trainer._reads`). Collective: every rank calls it."""
-    init_distributed()
+    init_distributed(cfg.train.collective_timeout_s)
     run_dir = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir or cfg.train.out_dir)
     device = device_for_rank()
     if rank() == 0:
