@@ -231,6 +231,8 @@ def _outcome(code: int, received: list[str], run_dir: Path | None, log_dir: Path
     else:
         print(f"calmrl: training failed (torchrun exit code {code})", file=sys.stderr)
     print(f"calmrl: full logs in {log_dir}/ (torchrun.log, */attempt_0/<rank>/stderr.log)", file=sys.stderr)
+    if failure is not None and failure.exit_code.split()[0].isdigit():
+        return int(failure.exit_code.split()[0])  # the failing rank's own code (e.g. 3: diverged)
     return code if code > 0 else 1
 
 

@@ -173,6 +173,8 @@ class Calibrator(torch.nn.Module):
         self.register_buffer("sum_z_bt", torch.zeros(num_modalities, dim, latent_dim + 1, dtype=dtype))
         self.register_buffer("sum_St", torch.zeros(num_modalities, latent_dim + 1, latent_dim + 1, dtype=dtype))
         self.register_buffer("sum_zsq", torch.zeros(num_modalities, dtype=dtype))
+        # Batches whose statistics were not finite (a diverging step): refused, not folded in.
+        self.register_buffer("refused", torch.zeros((), dtype=dtype), persistent=False)
 
     # ------------------------------------------------------------------ E-step
 
@@ -385,9 +387,15 @@ class Calibrator(torch.nn.Module):
         decay = self.decay if decay is None else decay
         batch = self._batch_statistics(features, present, result)
         batch = self._all_reduce_statistics(batch)
+        # A non-finite statistic (embeddings of a diverging step) is refused whole, decided on
+        # the device after the all-reduce (so alike on every rank): the running statistics,
+        # and so the M-step's factorisations, only ever see finite numbers.
+        finite = torch.stack([torch.isfinite(value).all() for value in batch.values()]).all()
+        self.refused += (~finite).to(self.refused.dtype)
+        keep = torch.where(finite, decay, 1.0).to(self.dtype)
         for name, value in batch.items():
             running = getattr(self, name)
-            running.mul_(decay).add_(value)
+            running.mul_(keep).add_(torch.where(finite, value, torch.zeros_like(value)))
 
     def accumulate_and_impute(
         self, z: Mapping[str, Tensor], present: Tensor, *, normalize: bool | None = None
@@ -470,6 +478,8 @@ class Calibrator(torch.nn.Module):
         # tr(Wt^T Wt A) = tr(Wt^T B) since Wt A = B: sigma2 = (sum |z|^2 - tr(Wt^T B)) / (d n)
         cross = torch.linalg.vecdot(Wt.flatten(1), B.flatten(1))
         sigma2 = ((self.sum_zsq - cross) / (self.dim * self.n_obs.clamp_min(1e-12))).clamp_min(self.sigma2_floor)
+        # Only finite updates are taken (the statistics are finite; this guards the solves).
+        observed = observed & torch.isfinite(Wt).flatten(1).all(1) & torch.isfinite(sigma2)
         keep = observed[:, None, None]
         self.W.copy_(torch.where(keep, Wt[:, :, :k], self.W))
         self.mu.copy_(torch.where(keep[:, :, 0], Wt[:, :, k], self.mu))

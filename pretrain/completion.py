@@ -58,8 +58,11 @@ class MeanFiller(torch.nn.Module):
         stacked = torch.stack([e.detach().to(torch.float64) for e in emb])  # [M, B, D]
         batch = torch.cat([(stacked * mask).sum(1), mask.sum(1)], dim=1)  # [M, D+1]
         batch = all_reduce_sum(batch.to(self.sums.device))
-        self.sums.mul_(self.decay).add_(batch[:, :-1])
-        self.counts.mul_(self.decay).add_(batch[:, -1])
+        finite = torch.isfinite(batch).all()  # a diverging step's embeddings are refused (same on every rank)
+        keep = torch.where(finite, self.decay, 1.0).to(batch.dtype)
+        batch = torch.where(finite, batch, torch.zeros_like(batch))
+        self.sums.mul_(keep).add_(batch[:, :-1])
+        self.counts.mul_(keep).add_(batch[:, -1])
 
     def means(self) -> torch.Tensor:
         return self.sums / self.counts.clamp_min(1e-12).unsqueeze(1)
@@ -179,4 +182,7 @@ class Completion(torch.nn.Module):
         """The calibrator's noise variances (read from the device: log steps only)."""
         if self.calibrator is None:
             return {}
-        return {f"calibrator/sigma2/{m}": s for m, s in zip(self.modalities, self.calibrator.sigma2.tolist())}
+        sigma2 = self.calibrator.sigma2.tolist()
+        out: dict[str, Any] = {f"calibrator/sigma2/{m}": s for m, s in zip(self.modalities, sigma2)}
+        out["calibrator/refused_batches"] = int(self.calibrator.refused.item())
+        return out

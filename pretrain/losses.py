@@ -310,7 +310,12 @@ class _SymmetricEig(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, a: torch.Tensor, eps: float):
-        lam, vec = torch.linalg.eigh(a)
+        # A non-finite matrix (a diverging step) would make LAPACK raise: factor the identity
+        # in its place and return NaN eigenvalues, so the loss is NaN and the step guard skips it.
+        finite = torch.isfinite(a).flatten(-2).all(-1)
+        eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
+        lam, vec = torch.linalg.eigh(torch.where(finite[..., None, None], a, eye))
+        lam = torch.where(finite[..., None], lam, torch.nan)
         ctx.save_for_backward(lam, vec)
         ctx.eps = eps
         return lam, vec

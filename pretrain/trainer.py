@@ -307,7 +307,9 @@ class Trainer:
                 ):  # a signal reached some rank: all ranks save this step and stop
                     self.stopped_by = self.stop_request.signal or "a signal to another rank"
                     break
-                if cfg.train.ckpt_every and self.step % cfg.train.ckpt_every == 0 and self.step < cfg.train.steps:
+                periodic = cfg.train.ckpt_every and self.step % cfg.train.ckpt_every == 0
+                # A checkpoint follows a good step only: in a run of skipped steps the last good one stays `latest`.
+                if periodic and self.step < cfg.train.steps and not self.guard.bad_in_a_row:
                     self.save()
                 if cfg.train.stop_at and self.step >= cfg.train.stop_at:
                     break
