@@ -56,9 +56,11 @@ def test_loader_worker_dies_with_its_killed_parent(synthetic_dir):
     )
     workers: list[int] = []
     try:
-        assert trainer.stdout is not None
+        assert trainer.stdout is not None and trainer.stderr is not None
         line = trainer.stdout.readline()
-        assert line.strip(), f"the trainer printed no worker pids: {trainer.stderr.read() if trainer.poll() else ''}"
+        if not line.strip():  # stdout closed: the trainer ended before its first batch
+            trainer.wait(30)
+            pytest.fail(f"the trainer printed no worker pids:\n{trainer.stderr.read()[-3000:]}")
         workers = [int(p) for p in line.split()]
         assert len(workers) == 1 and _alive(workers[0])
         time.sleep(2)  # let the worker fill the pipe with prefetched batches
