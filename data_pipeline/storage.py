@@ -20,7 +20,10 @@ idle timeout: a store that keeps sending bytes is not cut off, however large
 the object.
 
 Only botocore retries (standard mode: timeouts, dropped connections, 5xx,
-throttling). s3fs's own retry loop (5 tries) is switched off: it wrapped
+throttling, until a response arrives). An object whose body stops arriving
+fails its read within one read timeout, not retried: s3fs's loop was the one
+that retried those, and it cannot be kept for bodies alone. s3fs's own retry
+loop (5 tries) is switched off: it wrapped
 botocore's attempts, and wraps them twice for reads of an open file
 (`_inner_fetch` around `_call_s3`). With the read timeout then set to 6 x
 CALMRL_S3_TIMEOUT_S, `CALMRL_S3_TIMEOUT_S=2 CALMRL_S3_RETRIES=2` made
@@ -42,6 +45,10 @@ import fsspec
 
 class StorageError(RuntimeError):
     """A store that cannot be reached, or an object that is not there."""
+
+    def __str__(self) -> str:
+        # The message alone: webdataset's tar reader appends the stream and URL to `args`.
+        return str(self.args[0]) if self.args else ""
 
 
 def is_remote(url: str | Path) -> bool:
@@ -128,7 +135,18 @@ def _fail(url: str, exc: BaseException, started: float | None = None, doing: str
             f"CALMRL_S3_TIMEOUT_S={timeout:g} s (gives up within {s3_request_bound_s(attempts, timeout):.0f} s); "
             "check AWS_ENDPOINT_URL(_S3), credentials and the network, or raise those two for a slow store"
         )
-    return StorageError(f"cannot {doing} {_describe(url)}{after}: {type(exc).__name__}: {exc}{hint}")
+    return StorageError(f"cannot {doing} {_describe(url)}{after}: {_chain(exc)}{hint}")
+
+
+def _chain(exc: BaseException) -> str:
+    """An error with what caused it: the library's last word can hide the cause
+    (s3fs answers a read timeout with `IndexError: tuple index out of range`)."""
+    links: list[str] = []
+    cause: BaseException | None = exc
+    while cause is not None and len(links) < 4:
+        links.append(f"{type(cause).__name__}: {cause}" if str(cause) else type(cause).__name__)
+        cause = cause.__cause__ or cause.__context__
+    return ", from ".join(links)
 
 
 class _NamedFailures(io.RawIOBase):

@@ -4,7 +4,8 @@ A real loopback server accepts every connection and holds it open without a
 byte in reply (what a wedged proxy or store does). Reading a split, the
 evaluation path and one shard must each raise StorageError within the bound
 data_pipeline/storage.py states, having made exactly the configured attempts;
-and a store that hangs once and then answers must still be read (retried).
+so must a store that stops sending in the middle of an object; and a store
+that hangs once and then answers must still be read (retried).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import math
 import socket
 import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from moto.server import ThreadedMotoServer
@@ -153,3 +155,57 @@ def test_a_store_that_hangs_once_is_retried_and_read(limits, moto_url, synthetic
         assert once.connections == 1
     finally:
         once.close()
+
+
+class StallingObject(BaseHTTPRequestHandler):
+    """An S3 object of SIZE bytes whose GET sends the headers and 1000 bytes, then
+    nothing more while the connection stays open."""
+
+    SIZE = 200_000
+    protocol_version = "HTTP/1.1"
+    gets: list[str] = []
+    release = threading.Event()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def _headers(self, status: int) -> None:
+        self.send_response(status)
+        self.send_header("Content-Length", str(self.SIZE))
+        self.send_header("ETag", '"stalling"')
+        self.send_header("Last-Modified", "Wed, 02 Dec 2026 05:00:00 GMT")
+        if status == 206:
+            self.send_header("Content-Range", f"bytes 0-{self.SIZE - 1}/{self.SIZE}")
+        self.end_headers()
+
+    def do_HEAD(self) -> None:
+        self._headers(200)
+
+    def do_GET(self) -> None:
+        self.gets.append(self.path)
+        self._headers(206)
+        self.wfile.write(bytes(1000))
+        self.wfile.flush()
+        self.release.wait(60)
+
+
+@pytest.mark.timeout(120)
+def test_a_store_that_stops_mid_object_fails_within_the_bound(limits):
+    server = ThreadingHTTPServer(("127.0.0.1", 0), StallingObject)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    StallingObject.gets.clear()
+    limits.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{server.server_address[1]}")
+    try:
+        start = time.monotonic()
+        with pytest.raises(StorageError) as err:
+            list(raw_samples(["s3://calmrl-hang/x/shard-000000.tar"], BadInputLog()))
+        elapsed = time.monotonic() - start
+    finally:
+        StallingObject.release.set()
+        server.shutdown()
+        server.server_close()
+    assert elapsed <= s3_request_bound_s(ATTEMPTS, TIMEOUT_S) + SLACK_S
+    assert 1 <= len(StallingObject.gets) <= ATTEMPTS
+    message = str(err.value)  # the message alone, though webdataset appends to the error's args
+    assert message.startswith("cannot read s3://calmrl-hang/x/shard-000000.tar") and "ReadTimeoutError" in message
