@@ -20,14 +20,14 @@ idle timeout: a store that keeps sending bytes is not cut off, however large
 the object.
 
 Only botocore retries (standard mode: timeouts, dropped connections, 5xx,
-throttling, until a response arrives). An object whose body stops arriving
-fails its read within one read timeout, not retried: s3fs's loop was the one
-that retried those, and it cannot be kept for bodies alone. s3fs's own retry
-loop (5 tries) is switched off: it wrapped
-botocore's attempts, and wraps them twice for reads of an open file
-(`_inner_fetch` around `_call_s3`). With the read timeout then set to 6 x
-CALMRL_S3_TIMEOUT_S, `CALMRL_S3_TIMEOUT_S=2 CALMRL_S3_RETRIES=2` made
-5 x 3 = 15 connections of 12 s each: 197 s with backoff.
+throttling, until a response arrives). s3fs's own retry loop (5 tries) is
+switched off: it wrapped botocore's attempts, and wraps them twice for reads
+of an open file (`_inner_fetch` around `_call_s3`). With the read timeout
+then set to 6 x CALMRL_S3_TIMEOUT_S, `CALMRL_S3_TIMEOUT_S=2
+CALMRL_S3_RETRIES=2` made 5 x 3 = 15 connections of 12 s each: 197 s with
+backoff. The price: an object whose body stops arriving fails its read
+within one read timeout, not retried (s3fs's loop was the one that retried
+bodies, and it cannot be kept for bodies alone).
 """
 
 from __future__ import annotations
