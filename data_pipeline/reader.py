@@ -48,7 +48,7 @@ from data_pipeline.errors import DataError
 from data_pipeline.samples import SampleDecoder, collate
 from data_pipeline.split import open_split
 from data_pipeline.tar_reading import BadInputLog, raw_samples
-from data_pipeline.wire import from_wire, keep_as_is, share_batches_by_file, to_wire
+from data_pipeline.wire import from_wire, init_loader_worker, keep_as_is, to_wire
 
 
 @dataclass
@@ -170,7 +170,7 @@ class BatchLoader:
             num_workers=cfg.num_workers,
             prefetch_factor=4 if cfg.num_workers > 0 else None,
             persistent_workers=False,
-            worker_init_fn=share_batches_by_file if cfg.num_workers > 0 else None,
+            worker_init_fn=init_loader_worker if cfg.num_workers > 0 else None,  # dies with this process
             collate_fn=keep_as_is,
         )
         self._iter: Iterator[dict[str, Any]] | None = None
