@@ -127,7 +127,7 @@ def _check_split(cfg: Config, nproc: int, problems: list[str], report: Preflight
     if missing:
         problems.append(
             f"data.shards: {len(missing)} of the {len(names)} shards listed in {join(root, 'index.json')} "
-            f"are missing: {_names(missing)}; rebuild the split or restore the shards"
+            f"{'is' if len(missing) == 1 else 'are'} missing: {_names(missing)}; rebuild the split or restore the shards"
         )
     if not is_remote(root):  # a remote listing is enough; locally the first header is one small read
         bad = [(n, why) for n in names if n in present and (why := _tar_header_problem(join(root, n)))]
@@ -177,7 +177,9 @@ def _checkpoint_bytes(cfg: Config, vocab: int | None, report: PreflightReport) -
     import pretrain.towers  # noqa: F401  (registers the built-in towers)
 
     towers = {m: getattr(cfg.model, m).name for m in MODALITIES}
-    loaded = [f"{m}: {n}" for m, n in towers.items() if getattr(TOWERS.get((m, n)), "__module__", "") != "pretrain.towers"]
+    loaded = [
+        f"{m}: {n}" for m, n in towers.items() if getattr(TOWERS.get((m, n)), "__module__", "") != "pretrain.towers"
+    ]
     if loaded:
         report.notes.append(f"checkpoint size not estimated ({', '.join(loaded)} would load weights to be counted)")
         return None
@@ -187,7 +189,7 @@ def _checkpoint_bytes(cfg: Config, vocab: int | None, report: PreflightReport) -
 
     with torch.device("meta"):
         model = build_model(cfg, vocab)
-    params = [p for p in model.parameters()]
+    params = list(model.parameters())
     weight = 2 if cfg.train.precision == "bf16" else 4
     total = sum(p.numel() for p in params)
     trainable = sum(p.numel() for p in params if p.requires_grad)
@@ -213,7 +215,9 @@ def _check_out_dir(path: Path, expected_bytes: int | None) -> str:
     except OSError as exc:
         above = "" if existing == path else f" (it does not exist yet; {existing} is the folder above it that does)"
         raise PreflightError(
-            [f"train.out_dir {path} is not writable: writing in {existing} failed ({exc.strerror or exc}){above}; {fix}"]
+            [
+                f"train.out_dir {path} is not writable: writing in {existing} failed ({exc.strerror or exc}){above}; {fix}"
+            ]
         ) from exc
     free = shutil.disk_usage(existing).free
     if expected_bytes is not None and free < expected_bytes:
@@ -253,7 +257,8 @@ def _check_resume(cfg: Config, nproc: int, resume: str | None, problems: list[st
         tag = pointer.read_text().strip()
     folder = root / tag
     if not folder.is_dir():
-        problems.append(f"--resume {resume}: checkpoint {folder} does not exist ({available}); name one of those")
+        fix = "name one of those" if tags else "drop --resume (or use --resume auto) to start fresh"
+        problems.append(f"--resume {resume}: checkpoint {folder} does not exist ({available}); {fix}")
         return
     ranks = len(list(folder.glob(Checkpointer.rank_state_name(0).replace("rank0", "rank*"))))
     if ranks == 0:
