@@ -14,7 +14,8 @@ at once, each as one line naming the file, port or setting and the fix:
 - `--resume`: the tag resolves in the run's checkpoints, written by as many
   ranks as this launch starts (`auto` without a checkpoint starts fresh);
 - `metrics.port + local rank` is free on `metrics.addr` for every local rank;
-- `train.init_from` names a run folder whose checkpoint tag resolves.
+- `train.init_from` names a run folder whose checkpoint tag resolves;
+- every `model.<modality>.name` is a registered tower.
 
 No DeepSpeed import and no real model build: `calmrl train` calls `preflight`
 and prints its one-line summary, or the problems and exit code 2.
@@ -68,7 +69,7 @@ def preflight(cfg: Config, nproc: int, resume: str | None) -> PreflightReport:
     report = PreflightReport()
     problems: list[str] = []
     vocab = _check_split(cfg, nproc, problems, report)
-    expected = _checkpoint_bytes(cfg, vocab, report)
+    expected = _checkpoint_bytes(cfg, vocab, problems, report)
     try:
         report.parts.append(_check_out_dir(Path(cfg.train.out_dir), expected))
     except PreflightError as exc:
@@ -165,21 +166,26 @@ def _gib(n: float) -> str:
     return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
-def _checkpoint_bytes(cfg: Config, vocab: int | None, report: PreflightReport) -> int | None:
+def _checkpoint_bytes(cfg: Config, vocab: int | None, problems: list[str], report: PreflightReport) -> int | None:
     """About one checkpoint's bytes: every weight at the training precision, plus fp32
     master weight and two Adam moments for each trainable one (ZeRO shards sum to
-    that), counted on the meta device. None (with a note) when it cannot be cheap."""
+    that), counted on the meta device (about a second: meta-tensor init imports
+    torch._dynamo). None (with a note) when it cannot be cheap; a tower name that
+    is not registered is a problem."""
+    import pretrain.towers  # noqa: F401  (registers the built-in and pretrained towers)
     from data_pipeline.contract import MODALITIES
     from pretrain.registry import TOWERS
 
-    if vocab is None:
-        return None
-    import pretrain.towers  # noqa: F401  (registers the built-in towers)
-
     towers = {m: getattr(cfg.model, m).name for m in MODALITIES}
+    for m, name in towers.items():
+        if (m, name) not in TOWERS:
+            known = ", ".join(sorted(n for (k, n) in TOWERS if k == m))
+            problems.append(f"model.{m}.name: no {m} tower named '{name}'; registered: {known}")
     loaded = [
         f"{m}: {n}" for m, n in towers.items() if getattr(TOWERS.get((m, n)), "__module__", "") != "pretrain.towers"
     ]
+    if vocab is None or any(p.startswith("model.") for p in problems):
+        return None
     if loaded:
         report.notes.append(f"checkpoint size not estimated ({', '.join(loaded)} would load weights to be counted)")
         return None
@@ -187,8 +193,12 @@ def _checkpoint_bytes(cfg: Config, vocab: int | None, report: PreflightReport) -
 
     from pretrain.model import build_model
 
-    with torch.device("meta"):
-        model = build_model(cfg, vocab)
+    try:
+        with torch.device("meta"):
+            model = build_model(cfg, vocab)
+    except Exception as exc:  # a tower that cannot be built on the meta device: the ranks build it for real
+        report.notes.append(f"checkpoint size not estimated (the model does not build on the meta device: {exc})")
+        return None
     params = list(model.parameters())
     weight = 2 if cfg.train.precision == "bf16" else 4
     total = sum(p.numel() for p in params)

@@ -189,6 +189,12 @@ def test_init_from_must_name_a_run_with_that_checkpoint(split, tmp_path):
     assert f"init_from {source}:step_00000004" in preflight(ok, 2, None).summary
 
 
+def test_an_unknown_tower_is_named_with_the_registered_ones(split, tmp_path):
+    cfg = tiny_config(split, tmp_path / "run", model={"image": {"name": "vit_huge"}})
+    (problem,) = _problems(cfg)
+    assert problem.startswith("model.image.name: no image tower named 'vit_huge'; registered: ") and "cnn" in problem
+
+
 def test_every_problem_is_reported_at_once(split, tmp_path):
     (split / "shard-000001.tar").unlink()
     with _listening() as held:
