@@ -210,9 +210,11 @@ def _index_problem(index: Any) -> str:
     missing = [key for key in ("shards", "num_samples") if key not in index]
     if missing:
         return f"it has no {' or '.join(repr(k) for k in missing)} field"
+    if not isinstance(index["num_samples"], int):
+        return f"'num_samples' is {repr(index['num_samples'])[:80]}, not a number of samples"
     if not isinstance(index["shards"], list):
         return f"'shards' is a {type(index['shards']).__name__}, not a list"
     for i, entry in enumerate(index["shards"]):
         if not (isinstance(entry, dict) and isinstance(entry.get("name"), str) and isinstance(entry.get("count"), int)):
-            return f"shards[{i}] is {entry!r}, not {{'name': str, 'count': int}}"
+            return f"shards[{i}] is {repr(entry)[:80]}, not {{'name': str, 'count': int}}"
     return ""
