@@ -1,7 +1,7 @@
 """The `calmrl` command line.
 
 calmrl data build --source synthetic|tuxpaint|folder|jsonl --out DIR [--input PATH] [--shard-size N]
-calmrl train CONFIG [--nproc N] [--resume latest|TAG] [--init-from RUN_DIR[:TAG]] [--section.key=value ...]
+calmrl train CONFIG [--nproc N] [--resume latest|TAG] [--init-from RUN_DIR[:TAG]] [--no-preflight] [--section.key=value ...]
 calmrl eval RUN_DIR --data SPLIT_DIR [--checkpoint TAG] [--out DIR]
 calmrl launch slurm CONFIG --nodes N --gpus-per-node G [--partition P] [--time T] [--dry-run]
 calmrl launch k8s CONFIG [--workers N] [--gpus-per-worker G] [--image IMAGE] [--out FILE] [--sweep SWEEP.yaml]
@@ -75,7 +75,22 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     if args.init_calibrator:
         overrides = [*overrides, "--train.init_calibrator=true"]
     cfg = load_config(args.config, overrides)  # fail here, before any process starts
-    if cfg.train.init_from:
+    if "RANK" not in os.environ and not args.no_preflight:
+        # The launching (or only) process checks data, out_dir, resume tag, ports and
+        # init_from before torchrun starts the ranks: all problems at once, one line each.
+        from cluster.preflight import PreflightError, preflight
+
+        try:
+            report = preflight(cfg, args.nproc or 1, args.resume)
+        except PreflightError as exc:
+            count = len(exc.problems)
+            print(f"calmrl: preflight found {count} problem{'s' if count != 1 else ''}:", file=sys.stderr)
+            for problem in exc.problems:
+                print(f"  - {problem}", file=sys.stderr)
+            print("(skip these checks with --no-preflight)", file=sys.stderr)
+            return 2
+        print(report.summary, flush=True)
+    elif cfg.train.init_from:
         from pretrain.init_from import parse_init_from
 
         parse_init_from(cfg.train.init_from)  # a missing source run fails here too
@@ -363,6 +378,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument(
         "--init-calibrator", action="store_true", help="with --init-from: also take the source's calibrator state"
+    )
+    train.add_argument(
+        "--no-preflight",
+        action="store_true",
+        help="skip the checks of data, out_dir, --resume, metrics ports and init_from that the launching "
+        "process runs before torchrun starts (cluster/preflight.py)",
     )
 
     ev = sub.add_parser("eval", help="evaluate a run's checkpoint on a split")

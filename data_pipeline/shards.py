@@ -33,6 +33,7 @@ from webdataset.tariterators import base_plus_ext, group_by_keys
 
 from data_pipeline.atomic import atomic_write, atomic_write_json
 from data_pipeline.contract import MODALITIES, pattern_name
+from data_pipeline.errors import DataError
 
 INDEX_NAME = "index.json"
 LAYOUT_FORMAT = "calmrl-tar-layout/1"
@@ -173,12 +174,16 @@ class ShardSetWriter:
 
 
 def read_index(split_dir: str | Path) -> dict[str, Any]:
-    """The index of a complete split, local or on S3."""
+    """The index of a complete split, local or on S3.
+
+    An index that is not JSON, or lacks `shards` (entries with `name` and
+    `count`) or `num_samples`, is a DataError naming the file, where it breaks
+    and the fix: every rank and the launcher's preflight report the same."""
     from data_pipeline.storage import StorageError, join, read_bytes
 
     url = join(split_dir, INDEX_NAME)
     try:
-        return json.loads(read_bytes(url))
+        raw = read_bytes(url)
     except StorageError as exc:
         if "does not exist" not in str(exc):
             raise
@@ -186,3 +191,30 @@ def read_index(split_dir: str | Path) -> dict[str, Any]:
             f"{url} not found: '{split_dir}' is not a complete shard split. "
             "Build one with `calmrl data build --source synthetic --out DIR`."
         ) from exc
+    rebuild = "rebuild the split with `calmrl data build` (or restore the file)"
+    try:
+        index = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        where = f"line {exc.lineno} column {exc.colno}: {exc.msg}" if isinstance(exc, json.JSONDecodeError) else exc
+        raise DataError(f"{url} is not valid JSON ({where}); {rebuild}") from exc
+    problem = _index_problem(index)
+    if problem:
+        raise DataError(f"{url} is not a shard index: {problem}; {rebuild}")
+    return index
+
+
+def _index_problem(index: Any) -> str:
+    """What is wrong with a parsed index's shape ('' when nothing)."""
+    if not isinstance(index, dict):
+        return f"the top level is a {type(index).__name__}, not an object"
+    missing = [key for key in ("shards", "num_samples") if key not in index]
+    if missing:
+        return f"it has no {' or '.join(repr(k) for k in missing)} field"
+    if not isinstance(index["num_samples"], int):
+        return f"'num_samples' is {repr(index['num_samples'])[:80]}, not a number of samples"
+    if not isinstance(index["shards"], list):
+        return f"'shards' is a {type(index['shards']).__name__}, not a list"
+    for i, entry in enumerate(index["shards"]):
+        if not (isinstance(entry, dict) and isinstance(entry.get("name"), str) and isinstance(entry.get("count"), int)):
+            return f"shards[{i}] is {repr(entry)[:80]}, not {{'name': str, 'count': int}}"
+    return ""
