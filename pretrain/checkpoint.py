@@ -300,12 +300,13 @@ def _on_rank0(fn: Callable[[], T]) -> T:
 
 
 def _all_ok(failed: bool) -> bool:
-    """Collective: True when no rank failed (replaces the barrier after the writes of a save)."""
+    """Collective: True when no rank failed (replaces the barrier after the writes of a save).
+    An object gather rather than a CPU tensor all-reduce: it also works on NCCL."""
     if not is_distributed():
         return not failed
-    flag = torch.tensor([1 if failed else 0], dtype=torch.int64)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return int(flag.item()) == 0
+    flags: list[Any] = [None] * world_size()
+    dist.all_gather_object(flags, bool(failed))
+    return not any(flags)
 
 
 class Checkpointer:
@@ -399,7 +400,12 @@ class Checkpointer:
             if manifest is not None:
                 return int(manifest["total_bytes"])
         module = getattr(engine, "module", None)
-        params = sum(p.numel() for p in module.parameters() if p.requires_grad) if module is not None else 0
+        # ZeRO 3 leaves each rank an empty local tensor; `ds_numel` is the full size.
+        params = (
+            sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters() if p.requires_grad)
+            if module is not None
+            else 0
+        )
         bf16 = bool(getattr(engine, "bfloat16_enabled", lambda: False)())
         return expected_checkpoint_bytes(params, _zero_stage(engine), world_size(), "bf16" if bf16 else "fp32")
 
