@@ -127,6 +127,8 @@ def test_latest_missing_or_all_damaged(tmp_path):
     a = _write_checkpoint(tmp_path, 1)
     _write_checkpoint(tmp_path, 2)
     (tmp_path / "latest").unlink()  # lost pointer: the newest intact folder is used
+    assert RunDir(tmp_path.parent).has_checkpoint() is False  # (a folder without checkpoints/)
+    assert Checkpointer(tmp_path).step_tags() == ["step_00000001", "step_00000002"]
     chosen, warned = _resolve(Checkpointer(tmp_path), "latest")
     assert chosen == "step_00000002" and "missing" in warned[0]
     (tmp_path / "latest").write_text("step_00000002")
@@ -155,6 +157,9 @@ def test_run_dir_readers_use_the_intact_checkpoint(tmp_path):
     damaged = _write_checkpoint(tmp_path / "checkpoints", 2)
     (damaged / "trainer_state_rank0.pt").unlink()
     run = RunDir(tmp_path)
+    (tmp_path / "checkpoints" / "latest").unlink()
+    assert run.has_checkpoint()  # --resume auto resumes a run whose `latest` was lost
+    (tmp_path / "checkpoints" / "latest").write_text("step_00000002")
     with pytest.warns(CheckpointWarning, match="resuming from step_00000001"):
         assert run.rank_state("latest", rank=1)["loader"] == {"rank": 1}
     shutil.rmtree(tmp_path / "checkpoints" / "step_00000001")
