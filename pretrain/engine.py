@@ -7,6 +7,8 @@ passed in (no compiled optimizer op needed on CPU).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -76,3 +78,21 @@ def build_engine(model: MultiModalModel, cfg: Config, world: int) -> Any:
         model=model, optimizer=build_optimizer(model, cfg), config=deepspeed_config(cfg, world)
     )
     return engine
+
+
+@contextmanager
+def loading_universal_checkpoint(engine: Any) -> Iterator[None]:
+    """Make `engine.load_checkpoint` read a universal checkpoint (`ds_to_universal` output) inside
+    this block: what the config's `"checkpoint": {"load_universal": true}` does, for one load.
+
+    DeepSpeed 0.19 reads that setting only inside `load_checkpoint` (engine.py,
+    `load_universal_checkpoint()`); nothing at `initialize` depends on it. Set in the
+    config it would make every load expect universal folders, yet whether one is needed
+    (the world size changed) is only known at resume time."""
+    config = engine._config
+    before = config.load_universal_checkpoint
+    config.load_universal_checkpoint = True
+    try:
+        yield
+    finally:
+        config.load_universal_checkpoint = before

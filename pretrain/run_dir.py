@@ -24,7 +24,7 @@ import yaml
 from data_pipeline.atomic import atomic_write
 from data_pipeline.contract import MODALITIES
 from data_pipeline.split import vocab_size
-from pretrain.checkpoint import LATEST, Checkpointer
+from pretrain.checkpoint import LATEST, Checkpointer, CheckpointError
 from pretrain.completion import Completion
 from pretrain.config import Config, ConfigError, config_from_dict
 from pretrain.model import MultiModalModel
@@ -63,10 +63,12 @@ class RunDir:
 
     # -- checkpoints -----------------------------------------------------------
     def has_checkpoint(self) -> bool:
-        return (self.checkpoints / LATEST).is_file()
+        """Whether there is something to resume: a `latest` file, or a step folder (`latest` lost)."""
+        return (self.checkpoints / LATEST).is_file() or bool(self.checkpointer().step_tags())
 
     def resolve(self, tag: str = LATEST) -> str:
-        """A checkpoint tag ('latest' or 'step_XXXXXXXX') as the folder name it stands for."""
+        """A checkpoint tag ('latest' or 'step_XXXXXXXX') as the intact folder it stands for: a damaged
+        `latest` falls back to the newest intact checkpoint with a warning (`Checkpointer.resolve`)."""
         return self.checkpointer().resolve(tag)
 
     def rank_state(self, tag: str = LATEST, rank: int = 0) -> dict[str, Any]:
@@ -90,7 +92,7 @@ class RunDir:
             return tag, get_fp32_state_dict_from_zero_checkpoint(str(self.checkpoints), tag=tag)
         module_file = folder / "mp_rank_00_model_states.pt"
         if not module_file.is_file():
-            raise FileNotFoundError(
+            raise CheckpointError(
                 f"{folder} holds neither ZeRO shards nor {module_file.name}: an incomplete checkpoint; use another tag"
             )
         module = torch.load(module_file, map_location="cpu", weights_only=False)["module"]

@@ -9,7 +9,8 @@ import signal
 import subprocess
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -144,3 +145,30 @@ def run_distributed(fn: Callable, world: int, tmp_dir: str | Path, *args: Any, t
     if failures:  # every rank's story: the one that died first explains the others' "connection reset"
         raise RuntimeError("\n".join(failures))
     return results
+
+
+def require_root(why: str) -> None:
+    """Fail (not skip) when not root: CI runs as root (.ci/run installs with apt-get), so a
+    test that needs it must not pass silently elsewhere."""
+    if os.geteuid() != 0:
+        pytest.fail(f"this test needs root: {why}")
+
+
+@contextmanager
+def mounted_tmpfs(path: str | Path, size: str = "1m", read_only: bool = False) -> Iterator[Path]:
+    """A real small file system at `path` (tmpfs of `size`; mounted read-only if asked), unmounted
+    on exit. A full disk and a read-only one as a job meets them; needs root (chmod does not stop root)."""
+    require_root("it mounts a tmpfs to get a full or read-only file system")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    options = f"size={size}" + (",ro" if read_only else "")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=True)
+
+
+def remount(path: str | Path, read_only: bool) -> None:
+    """Switch a mount made by `mounted_tmpfs` between read-only and read-write."""
+    subprocess.run(["mount", "-o", f"remount,{'ro' if read_only else 'rw'}", str(path)], check=True)
