@@ -11,8 +11,9 @@ at once, each as one line naming the file, port or setting and the fix:
 - `train.out_dir` (or its nearest existing parent) takes a real write, and its
   filesystem has room for one checkpoint of the model (counted on the meta
   device; skipped with a note for pretrained towers, which load their weights);
-- `--resume`: the tag resolves in the run's checkpoints, written by as many
-  ranks as this launch starts (`auto` without a checkpoint starts fresh);
+- `--resume`: the tag resolves in the run's checkpoints to an
+  intact checkpoint (`auto` without a checkpoint starts fresh; another number of
+  ranks is resharded);
 - `metrics.port + local rank` is free on `metrics.addr` for every local rank;
 - `train.init_from` names a run folder whose checkpoint tag resolves;
 - every `model.<modality>.name` is a registered tower.
@@ -243,44 +244,33 @@ def _check_out_dir(path: Path, expected_bytes: int | None) -> str:
 
 # -- resume ----------------------------------------------------------------------
 def _check_resume(cfg: Config, nproc: int, resume: str | None, problems: list[str], report: PreflightReport) -> None:
+    """The tag resolves to an intact checkpoint, as the ranks will resolve it (a damaged
+    `latest` falls back to the newest intact one: said in a note). A checkpoint of
+    another number of ranks is resumed through DeepSpeed's universal checkpoint."""
     if not resume:
         return
-    from pretrain.checkpoint import LATEST, Checkpointer
+    import warnings
+
+    from pretrain.checkpoint import LATEST, Checkpointer, CheckpointError
     from pretrain.run_dir import RunDir
 
     run = RunDir(cfg.train.out_dir)
-    root = run.checkpoints
-    tags = sorted(p.name for p in root.glob("step_*") if p.is_dir()) if root.is_dir() else []
-    available = f"available: {', '.join(tags)}" if tags else f"{root} holds no checkpoint"
     if resume == "auto" and not run.has_checkpoint():
         report.parts.append("resume auto: no checkpoint, starts fresh")
         return
     tag = LATEST if resume == "auto" else resume
-    if tag == LATEST:
-        pointer = root / LATEST
-        if not pointer.is_file():
-            problems.append(
-                f"--resume {resume}: {pointer} does not exist ({available}); "
-                "name a tag, use --resume auto, or drop --resume to start fresh"
-            )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            chosen = run.checkpointer().resolve(tag)
+        except CheckpointError as exc:
+            problems.append(f"--resume {resume}: {exc}")
             return
-        tag = pointer.read_text().strip()
-    folder = root / tag
-    if not folder.is_dir():
-        fix = "name one of those" if tags else "drop --resume (or use --resume auto) to start fresh"
-        problems.append(f"--resume {resume}: checkpoint {folder} does not exist ({available}); {fix}")
-        return
+    report.notes.extend(str(w.message) for w in caught)
+    folder = run.checkpoints / chosen
     ranks = len(list(folder.glob(Checkpointer.rank_state_name(0).replace("rank0", "rank*"))))
-    if ranks == 0:
-        problems.append(f"--resume {resume}: {folder} holds no trainer state: an incomplete checkpoint ({available})")
-        return
-    if ranks != nproc:
-        problems.append(
-            f"--resume {resume}: {folder} was written by {ranks} ranks; resuming it exactly needs the same "
-            f"number: --nproc {ranks} (this launch starts {nproc})"
-        )
-        return
-    report.parts.append(f"resume {resume} -> {tag}" if tag != resume else f"resume {tag}")
+    reshard = f", written by {ranks} ranks: resharded to {nproc}" if ranks and ranks != nproc else ""
+    report.parts.append((f"resume {resume} -> {chosen}" if chosen != resume else f"resume {chosen}") + reshard)
 
 
 # -- metrics ports -------------------------------------------------------------------
