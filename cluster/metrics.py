@@ -25,8 +25,11 @@ these, and tests/integration/test_metrics.py checks that every query returns dat
                                                the modality
 - `calmrl_imputed_samples_total{rank,modality}` counter: samples whose missing modality was
                                                filled in (imputed) for alignment
-- `calmrl_bad_samples_total{rank}`             counter: bad samples skipped by this rank's reader
-                                               (follows the trainer's cumulative count)
+- `calmrl_bad_samples_total{rank}`             counter: bad samples skipped by all ranks' readers,
+                                               lost ones of broken shards included (the trainer's
+                                               all-reduced cumulative count; exported by rank 0 only)
+- `calmrl_bad_shards_total{rank}`              counter: shards that broke off, all ranks (rank 0 only)
+- `calmrl_skipped_steps_total{rank}`           counter: steps the guard skipped (non-finite or spike)
 - `calmrl_calibrator_log_likelihood{rank}`     gauge: calibrator log-likelihood of the last batch
 - `calmrl_calibrator_sigma2{rank,modality}`    gauge: the calibrator's noise variance per modality
 - `calmrl_anchor_shift{rank,kind}`             gauge: `kind="observed_only"` | `"calibrated"`
@@ -140,7 +143,7 @@ class MetricsExporter:
         self.rank = str(rank)
         self._server = None
         self._thread: threading.Thread | None = None
-        self._bad_samples_seen = 0.0
+        self._cumulative_seen: dict[str, float] = {}
         if not self.enabled:
             return
         self.registry = CollectorRegistry(auto_describe=True)
@@ -180,7 +183,9 @@ class MetricsExporter:
         self.imputed = Counter(
             "calmrl_imputed_samples", "Samples whose missing modality was imputed", ["rank", "modality"], registry=reg
         )
-        self.bad_samples = Counter("calmrl_bad_samples", "Bad samples skipped by the reader", r, registry=reg)
+        self.bad_samples = Counter("calmrl_bad_samples", "Bad samples skipped by all ranks' readers", r, registry=reg)
+        self.bad_shards = Counter("calmrl_bad_shards", "Shards that broke off, all ranks", r, registry=reg)
+        self.skipped_steps = Counter("calmrl_skipped_steps", "Steps the guard skipped", r, registry=reg)
         self.log_likelihood = Gauge(
             "calmrl_calibrator_log_likelihood", "Calibrator log-likelihood of the last batch", r, registry=reg
         )
@@ -199,7 +204,14 @@ class MetricsExporter:
         self.memory = _MemoryCollector(self.rank)
         reg.register(self.memory)
         # Zero-valued children so counters and the histogram exist before the first step.
-        for metric in (self.step_time, self.data_wait, self.completion, self.bad_samples):
+        for metric in (
+            self.step_time,
+            self.data_wait,
+            self.completion,
+            self.bad_samples,
+            self.bad_shards,
+            self.skipped_steps,
+        ):
             metric.labels(self.rank)
         for m in MODALITIES:
             self.present.labels(self.rank, m)
@@ -238,10 +250,18 @@ class MetricsExporter:
         if completion is not None and math.isfinite(completion) and completion >= 0:
             self.completion.labels(rank).inc(completion)
 
-        bad = _number(record.get("bad_samples"))
-        if bad is not None and bad > self._bad_samples_seen:  # cumulative in the record: add the increase
-            self.bad_samples.labels(rank).inc(bad - self._bad_samples_seen)
-            self._bad_samples_seen = bad
+        # Cumulative in the record (all ranks, all-reduced): add the increase. Rank 0 speaks for
+        # the job, so a sum over ranks in PromQL does not count a bad sample world-size times.
+        for key, counter in (
+            ("bad_samples", self.bad_samples),
+            ("bad_shards", self.bad_shards),
+            ("skipped_steps", self.skipped_steps),
+        ):
+            value = _number(record.get(key))
+            seen = self._cumulative_seen.get(key, 0.0)
+            if value is not None and value > seen and (rank == "0" or key == "skipped_steps"):
+                counter.labels(rank).inc(value - seen)
+                self._cumulative_seen[key] = value
 
         for key in record:
             if key == "loss":

@@ -50,24 +50,41 @@ from data_pipeline.split import open_split
 from data_pipeline.tar_reading import BadInputLog, raw_samples
 from data_pipeline.wire import from_wire, init_loader_worker, keep_as_is, to_wire
 
+# A stream of another world size to finish first (resharded resume):
+# (old reader, old number of readers, epoch, samples already taken from it).
+CarryItem = tuple[int, int, int, int]
+
 
 @dataclass
 class LoaderState:
-    """Where each reader role of this rank stands, plus batches handed out."""
+    """Where each reader role of this rank stands, plus batches handed out.
+
+    `carry` (after a resume on another number of ranks, see `reshard_loader_state`):
+    per role, the old readers' unfinished epoch streams this role finishes before
+    its own stream starts, so that every sample of the interrupted epoch is seen
+    exactly once."""
 
     batches: int = 0
     roles: dict[int, tuple[int, int]] = field(default_factory=dict)  # role -> (epoch, offset)
-    bad: dict[int, int] = field(default_factory=dict)  # role -> bad samples met so far
+    bad: dict[int, int] = field(default_factory=dict)  # role -> bad samples met so far (lost ones of broken shards too)
+    bad_shards: dict[int, int] = field(default_factory=dict)  # role -> shards that broke off
+    carry: dict[int, list[CarryItem]] = field(default_factory=dict)
 
     @property
     def bad_samples(self) -> int:
         return sum(self.bad.values())
+
+    @property
+    def bad_shard_count(self) -> int:
+        return sum(self.bad_shards.values())
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "batches": self.batches,
             "roles": {str(k): list(v) for k, v in self.roles.items()},
             "bad": {str(k): v for k, v in self.bad.items()},
+            "bad_shards": {str(k): v for k, v in self.bad_shards.items()},
+            "carry": {str(k): [list(item) for item in v] for k, v in self.carry.items()},
         }
 
     @classmethod
@@ -76,7 +93,56 @@ class LoaderState:
             batches=int(d["batches"]),
             roles={int(k): (int(v[0]), int(v[1])) for k, v in d["roles"].items()},
             bad={int(k): int(v) for k, v in d.get("bad", {}).items()},
+            bad_shards={int(k): int(v) for k, v in d.get("bad_shards", {}).items()},
+            carry={
+                int(k): [(int(a), int(b), int(c), int(e)) for a, b, c, e in v] for k, v in d.get("carry", {}).items()
+            },
         )
+
+
+def reshard_loader_state(
+    loaders: list[dict[str, Any]], old_roles: int, rank: int, world: int, roles: int, resampled: bool = False
+) -> LoaderState:
+    """This rank's loader state for a resume on `world` ranks of a checkpoint written by
+    `len(loaders)` ranks (their loader states, in rank order, `old_roles` roles each).
+
+    Every old reader's unfinished epoch is finished, in the old layout and order, by
+    one new reader (old readers dealt out in turn); a reader that was an epoch behind
+    the furthest one also plays its next epoch whole. Then every new reader starts its
+    own stream at the epoch after the furthest old one. So each sample of the epochs in
+    progress is seen exactly once. In resampled mode (shards drawn with replacement)
+    only the epoch carries over. Bad-sample counts carry over on rank 0."""
+    positions: dict[int, tuple[int, int]] = {}
+    total_bad = total_bad_shards = 0
+    for old_rank, loader in enumerate(loaders):
+        state = LoaderState.from_dict(loader)
+        if state.carry:
+            raise ValueError(
+                "this checkpoint was itself resumed on another number of ranks and had not finished "
+                "the old readers' epoch; resume it on its own number of ranks first"
+            )
+        total_bad += state.bad_samples
+        total_bad_shards += state.bad_shard_count
+        for role in range(old_roles):
+            positions[old_rank * old_roles + role] = state.roles.get(role, (0, 0))
+    old_readers = len(loaders) * old_roles
+    last = max(epoch for epoch, _ in positions.values())
+    items: list[CarryItem] = []
+    if not resampled:
+        for reader in range(old_readers):
+            epoch, offset = positions[reader]
+            items.append((reader, old_readers, epoch, offset))
+            items.extend((reader, old_readers, e, 0) for e in range(epoch + 1, last + 1))
+    new = LoaderState(roles=dict.fromkeys(range(roles), (last + 1, 0)))
+    readers = world * roles
+    for role in range(roles):
+        mine = [item for i, item in enumerate(items) if i % readers == rank * roles + role]
+        if mine:
+            new.carry[role] = mine
+    if rank == 0:
+        new.bad[0] = total_bad
+        new.bad_shards[0] = total_bad_shards
+    return new
 
 
 class ShardStream(IterableDataset):
@@ -106,11 +172,15 @@ class ShardStream(IterableDataset):
         worker = info.id if info is not None else 0
         return (worker + self.state.batches) % self.num_roles
 
-    def _epoch_samples(self, reader: int, epoch: int, bad: BadInputLog) -> Iterator[dict[str, Any]]:
+    def _epoch_samples(
+        self, reader: int, epoch: int, bad: BadInputLog, num_readers: int | None = None
+    ) -> Iterator[dict[str, Any]]:
+        """Reader `reader`'s samples of `epoch` (of `num_readers`, default this job's readers)."""
+        num_readers = num_readers or self.num_readers
         rng = random.Random(f"{self.cfg.seed}/{reader}/{epoch}")
         if self.cfg.resampled:
-            own = len(self.split.shards) // self.num_readers or 1
-            length = self.cfg.epoch_samples or sum(self.split.counts) // self.num_readers
+            own = len(self.split.shards) // num_readers or 1
+            length = self.cfg.epoch_samples or sum(self.split.counts) // num_readers
             shards = rng.choices(self.split.shards, k=own)
 
             def endless() -> Iterator[dict[str, Any]]:
@@ -121,7 +191,7 @@ class ShardStream(IterableDataset):
 
             raw: Iterator[dict[str, Any]] = (s for _, s in zip(range(length), endless()))
         else:
-            shards = self.split.shards[reader :: self.num_readers]
+            shards = self.split.shards[reader::num_readers]
             raw = raw_samples(rng.sample(shards, len(shards)), bad, self.split.count_of, self.split.layout_of)
         if self.cfg.shuffle_buffer > 1:
             raw = wds.shuffle(self.cfg.shuffle_buffer, initial=self.cfg.shuffle_buffer, rng=rng)(raw)
@@ -132,8 +202,23 @@ class ShardStream(IterableDataset):
         role = self._role()
         reader = self.rank * self.num_roles + role
         epoch, offset = self.state.roles.get(role, (0, 0))
-        bad = BadInputLog(self.state.bad.get(role, 0))
+        bad = BadInputLog(self.state.bad.get(role, 0), self.state.bad_shards.get(role, 0))
         pending: list[dict[str, Any]] = []
+        # Position of a batch: (role, epoch, taken, bad samples, carry index, carry taken, bad
+        # shards); carry index -1 once the carried streams are done (see LoaderState.carry).
+        for index, (old_reader, old_readers, c_epoch, c_offset) in enumerate(self.state.carry.get(role, [])):
+            for taken, raw in enumerate(self._epoch_samples(old_reader, c_epoch, bad, old_readers), start=1):
+                if taken <= c_offset:
+                    continue
+                try:
+                    pending.append(decoder(raw, c_epoch))
+                except DataError as exc:
+                    bad.record(f"{raw.get('__url__')}/{raw.get('__key__')}", str(exc))
+                if len(pending) == self.cfg.batch_size:
+                    batch = collate(pending, self.cfg, self.audio, self.cfg.batch_size)
+                    batch["_position"] = torch.tensor([role, epoch, offset, bad.count, index, taken, bad.shards])
+                    yield to_wire(batch)
+                    pending = []
         while True:
             taken = 0
             for taken, raw in enumerate(self._epoch_samples(reader, epoch, bad), start=1):
@@ -145,7 +230,7 @@ class ShardStream(IterableDataset):
                     bad.record(f"{raw.get('__url__')}/{raw.get('__key__')}", str(exc))
                 if len(pending) == self.cfg.batch_size:
                     batch = collate(pending, self.cfg, self.audio, self.cfg.batch_size)
-                    batch["_position"] = torch.tensor([role, epoch, taken, bad.count])
+                    batch["_position"] = torch.tensor([role, epoch, taken, bad.count, -1, 0, bad.shards])
                     yield to_wire(batch)
                     pending = []
             if taken == 0:
@@ -162,6 +247,7 @@ class BatchLoader:
     def __init__(self, cfg: DataConfig, rank: int, world_size: int, state: LoaderState | None = None):
         self.cfg = cfg
         self.state = LoaderState.from_dict(state.to_dict()) if state else LoaderState()
+        self._carry = {role: list(items) for role, items in self.state.carry.items()}  # as the stream starts
         # The stream gets its own copy: it reads where to start, we record where we are.
         self.dataset = ShardStream(cfg, rank, world_size, LoaderState.from_dict(self.state.to_dict()))
         self.loader = DataLoader(
@@ -182,9 +268,15 @@ class BatchLoader:
         if self._iter is None:
             self._iter = iter(self.loader)
         batch = from_wire(next(self._iter))
-        role, epoch, offset, bad = (int(v) for v in batch.pop("_position"))
+        role, epoch, offset, bad, carry_index, carry_taken, bad_shards = (int(v) for v in batch.pop("_position"))
         self.state.roles[role] = (epoch, offset)
         self.state.bad[role] = bad
+        self.state.bad_shards[role] = bad_shards
+        if carry_index >= 0:  # still finishing old readers' streams: the rest of them, from here
+            rest = self._carry[role][carry_index:]
+            self.state.carry[role] = [(*rest[0][:3], carry_taken), *rest[1:]]
+        else:
+            self.state.carry.pop(role, None)
         self.state.batches += 1
         return batch
 

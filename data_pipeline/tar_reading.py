@@ -30,14 +30,20 @@ log = logging.getLogger("calmrl.data")
 
 
 class BadInputLog:
-    """Counts bad samples and shards; logs each (key, shard) once per process."""
+    """Counts bad samples and shards; logs each (key, shard) once per process.
 
-    def __init__(self, start: int = 0):
+    A shard that breaks off counts the samples it lost (its index entry's count
+    less those read; 1 when the count is unknown) and one bad shard."""
+
+    def __init__(self, start: int = 0, shards: int = 0):
         self.count = start
+        self.shards = shards
         self._seen: set[str] = set()
 
-    def record(self, what: str, message: str) -> None:
-        self.count += 1
+    def record(self, what: str, message: str, lost: int = 1) -> None:
+        self.count += lost
+        if what.startswith("shard:"):
+            self.shards += 1
         if what not in self._seen:
             self._seen.add(what)
             log.warning("skipped %s", message)
@@ -121,6 +127,12 @@ def seek_samples(url: str, stream: Any, layout: dict[str, Any]) -> Iterator[dict
         yield sample
 
 
+def _lost(counts: dict[str, int] | None, url: str, read: int) -> int:
+    """Samples a broken shard lost: its index count less those read (at least 1)."""
+    expected = (counts or {}).get(url)
+    return max(expected - read, 1) if expected is not None else 1
+
+
 def raw_samples(
     shards: list[str], bad: BadInputLog, counts: dict[str, int] | None = None, layouts: dict[str, str] | None = None
 ) -> Iterator[dict[str, Any]]:
@@ -140,13 +152,22 @@ def raw_samples(
                 yield sample
             expected = (counts or {}).get(url)
             if expected is not None and read < expected:
-                bad.record(f"shard:{url}", f"the rest of shard {url}: it ends after {read} of {expected} samples")
+                bad.record(
+                    f"shard:{url}",
+                    f"the rest of shard {url}: it ends after {read} of {expected} samples",
+                    lost=expected - read,
+                )
         except LayoutMismatch as exc:
             bad.record(
                 f"shard:{url}",
                 f"the rest of shard {url}: {exc}; the shard was changed after it was built: rebuild the split",
+                lost=_lost(counts, url, read),
             )
         except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
-            bad.record(f"shard:{url}", f"the rest of shard {url}: it breaks off ({type(exc).__name__}: {exc})")
+            bad.record(
+                f"shard:{url}",
+                f"the rest of shard {url}: it breaks off ({type(exc).__name__}: {exc})",
+                lost=_lost(counts, url, read),
+            )
         finally:
             stream.close()

@@ -125,6 +125,7 @@ class Calibrator(torch.nn.Module):
     sum_z_bt: Tensor  # [M, d, k+1]
     sum_St: Tensor  # [M, k+1, k+1]
     sum_zsq: Tensor  # [M]
+    refused: Tensor  # []: batches whose statistics were not finite (not saved)
 
     def __init__(
         self,

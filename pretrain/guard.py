@@ -1,13 +1,14 @@
 """The step guard: every rank agrees, once per step, whether to apply the step and whether to stop.
 
-One all-reduce of a 4-vector per optimizer step, before the optimizer update,
+One all-reduce of a 5-vector per optimizer step, before the optimizer update,
 carries what each rank saw during the step:
 
 - a non-finite loss or gradient (`~isfinite` flags kept on the device, gradients
   checked by a hook on every trainable parameter as autograd produces them);
 - the step's loss (its global mean drives the optional spike test);
 - a stop request (SIGTERM or SIGUSR1 arrived: a preemption);
-- this rank's bad-sample count (so the log carries the true total of all ranks).
+- this rank's bad-sample and bad-shard counts (so the log carries the true
+  totals of all ranks).
 
 Its one host read per step is the only synchronisation the trainer adds; it
 decides for every rank alike, so a skipped step is skipped everywhere and a
@@ -115,6 +116,7 @@ class Decision:
     stop: bool  # a rank was asked to stop: every rank stops after this step
     loss: float  # the global mean loss of the step (NaN if it was not finite)
     bad_samples: int  # bad samples of all ranks' readers, cumulative
+    bad_shards: int  # shards that broke off, all ranks, cumulative
     reason: str = ""  # why the step was skipped
 
 
@@ -142,7 +144,7 @@ class StepGuard:
         self.loss_sum += loss
         self.micro_steps += 1
 
-    def decide(self, stop_requested: bool, bad_samples: int) -> Decision:
+    def decide(self, stop_requested: bool, bad_samples: int, bad_shards: int = 0) -> Decision:
         """Collective: the all-reduce and the step's one host read."""
         local = torch.stack(
             [
@@ -150,11 +152,12 @@ class StepGuard:
                 torch.where(self.nonfinite, 0.0, self.loss_sum / max(self.micro_steps, 1)),
                 torch.tensor(float(stop_requested), device=self.device),
                 torch.tensor(float(bad_samples), device=self.device),
+                torch.tensor(float(bad_shards), device=self.device),
             ]
         )
         if is_distributed() and world_size() > 1:
             dist.all_reduce(local, op=dist.ReduceOp.SUM)
-        nonfinite, loss_sum, stop, bad = local.tolist()
+        nonfinite, loss_sum, stop, bad, shards = local.tolist()
         self.nonfinite.zero_()
         self.loss_sum.zero_()
         self.micro_steps = 0
@@ -171,7 +174,9 @@ class StepGuard:
             self.bad_in_a_row = 0
             self.good_steps += 1
             self.ema = loss if self.ema is None else 0.9 * self.ema + 0.1 * loss
-        return Decision(apply=not reason, stop=stop > 0, loss=loss, bad_samples=int(bad), reason=reason)
+        return Decision(
+            apply=not reason, stop=stop > 0, loss=loss, bad_samples=int(bad), bad_shards=int(shards), reason=reason
+        )
 
     @property
     def exhausted(self) -> bool:

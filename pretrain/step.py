@@ -38,6 +38,7 @@ class StepResult:
     # "cos/<a>-<b>": mean cosine of the batch's observed positive pairs (log steps); a negative one is a sign flip
     positive_cosine: dict[str, float] = field(default_factory=dict)
     bad_samples: int | None = None  # cumulative bad samples of all ranks' readers (shard loader only)
+    bad_shards: int | None = None  # cumulative shards that broke off, all ranks (shard loader only)
     skipped: bool = False  # the update was left out on every rank (pretrain/guard.py)
     skip_reason: str = ""
     skipped_total: int = 0  # skipped steps of this fit so far
@@ -62,6 +63,8 @@ class StepResult:
         }
         if self.bad_samples is not None:
             out["bad_samples"] = self.bad_samples
+        if self.bad_shards is not None:
+            out["bad_shards"] = self.bad_shards
         out["skipped_steps"] = self.skipped_total
         if self.skipped:
             out["skipped"] = self.skip_reason

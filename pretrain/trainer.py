@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from data_pipeline.contract import MODALITIES
-from data_pipeline.reader import BatchLoader, LoaderState
+from data_pipeline.reader import BatchLoader, LoaderState, reshard_loader_state
 from data_pipeline.split import vocab_size
 from pretrain.anchor_shift import anchor_shift
 from pretrain.completion import Completion
@@ -107,10 +107,23 @@ class Trainer:
         return self.checkpointer.save(self.engine, self.step, state)
 
     def resume(self, tag: str = "latest") -> None:
+        """Collective: continue from a checkpoint (the engine's state, the loader position,
+        the RNG, the completion state). A checkpoint of another number of ranks is loaded
+        through DeepSpeed's universal checkpoint (pretrain/checkpoint.py) and its loader
+        positions re-split over this job's readers (`reshard_loader_state`); the RNG then
+        restarts from the seed and the step (the old per-rank streams do not map)."""
         state = self.checkpointer.load(self.engine, tag)
         self.step = int(state["step"])
-        self.loader_state = LoaderState.from_dict(state["loader"])
-        set_rng_state(state["rng"])
+        if state.get("resharded"):
+            data = self.cfg.data
+            old_roles = max(int(state["config"]["data"]["num_workers"]), 1)
+            self.loader_state = reshard_loader_state(
+                state["loaders"], old_roles, self.rank, self.world, max(data.num_workers, 1), data.resampled
+            )
+            seed_everything(self.cfg.train.seed + 1000 * self.rank + self.step)
+        else:
+            self.loader_state = LoaderState.from_dict(state["loader"])
+            set_rng_state(state["rng"])
         self.completion.load_state_dict(state["completion"])
 
     def _loader_position(self) -> dict[str, Any]:
@@ -207,7 +220,7 @@ class Trainer:
             self.guard.observe_loss(losses["loss"])
             self.engine.backward(losses["loss"])
             if micro == cfg.train.grad_accum - 1:  # before the update: every rank decides alike
-                decision = self.guard.decide(self.stop_request.requested, self._local_bad_samples())
+                decision = self.guard.decide(self.stop_request.requested, *self._local_bad_counts())
                 self.optimizer.skip = not decision.apply
                 if not decision.apply:  # a skipped step is always in the log
                     logged = read = True
@@ -262,14 +275,18 @@ class Trainer:
             anchor_shift=diagnostics.get("anchor_shift", {}),
             positive_cosine=diagnostics.get("positive_cosine", {}),
             bad_samples=decision.bad_samples if isinstance(self.batches, BatchLoader) else None,
+            bad_shards=decision.bad_shards if isinstance(self.batches, BatchLoader) else None,
             skipped=not decision.apply,
             skip_reason=decision.reason,
             skipped_total=self.guard.skipped_total,
             time=time.time(),
         )
 
-    def _local_bad_samples(self) -> int:
-        return self.batches.state.bad_samples if isinstance(self.batches, BatchLoader) else 0
+    def _local_bad_counts(self) -> tuple[int, int]:
+        """This rank's bad samples and bad shards so far (the guard sums them over ranks)."""
+        if isinstance(self.batches, BatchLoader):
+            return self.batches.state.bad_samples, self.batches.state.bad_shard_count
+        return 0, 0
 
     # -- the loop ----------------------------------------------------------
     def fit(self, resume: str | None = None) -> list[StepResult]:
