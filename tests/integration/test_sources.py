@@ -294,13 +294,14 @@ def user_folder(tmp_path) -> Path:
 
 
 def test_folder_corrupt_image_names_the_file_and_the_fix(user_folder, tmp_path, capsys):
+    (user_folder / "cats/broken.txt").unlink()  # the broken picture is all its record has
     code = cli_main(
         ["data", "build", "--source", "folder", "--input", str(user_folder), "--out", str(tmp_path / "out")]
     )
     err = capsys.readouterr().err
     assert code == 2
     assert str(user_folder / "cats/broken.png") in err and "--skip-bad" in err and "does not decode" in err
-    assert not (tmp_path / "out" / "train" / "index.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mydata"]  # no out, no staging folder beside it
 
 
 def test_folder_builds_and_reads_back(user_folder, tmp_path, capsys):
@@ -319,16 +320,32 @@ def test_folder_builds_and_reads_back(user_folder, tmp_path, capsys):
         ]
     )
     summary = capsys.readouterr().out
-    assert code == 0 and "9 records" in summary and "bad_image 1" in summary
+    assert code == 0 and "9 records" in summary and "image bad_image 1" in summary
     index = read_index(out / "train")
     assert index["classes"] == ["cats", "dogs"] and index["num_classes"] == 2
-    assert index["build"]["skipped"] == {"bad_image": 1, "no_modality": 1}
+    assert index["build"]["skipped"] == {"no_modality": 1}
+    # broken.png does not decode: its record keeps the caption, the image absent and counted
+    assert index["build"]["dropped"] == {"image": {"bad_image": 1}}
     # quiet.txt (its record keeps the image) and blank.txt (its record, left empty, is skipped)
     assert index["build"]["counters"] == {"empty_captions": 2} and index["build"]["ignored_files"] == 2
-    assert index["pattern_counts"] == {"image": 2, "image+text": 2, "image+text+audio": 1, "text+audio": 1, "audio": 1}
+    assert index["pattern_counts"] == {
+        "image": 2,
+        "image+text": 2,
+        "image+text+audio": 1,
+        "text+audio": 1,
+        "audio": 1,
+        "text": 1,
+    }
     assert read_index(out / "val")["num_samples"] == 0 == read_index(out / "test")["num_samples"]
     metas = {raw["__key__"]: (raw, meta) for raw, meta in shard_samples(out / "train")}
-    assert set(metas) == {"dogs_dog1", "dogs_dog2", "cats_cat1", "cats_cat2", "cats_cat3", "cats_quiet", "top"}
+    assert set(metas) == {
+        *("dogs_dog1", "dogs_dog2", "cats_cat1", "cats_cat2", "cats_cat3", "cats_quiet", "cats_broken", "top")
+    }
+    raw, meta = metas["cats_broken"]
+    assert raw["txt"] == b"a broken picture" and "png" not in raw and meta["image_absent"] == "bad_image"
+    assert [(d["modality"], d["file"], d["reason"]) for d in meta["dropped"]] == [
+        ("image", "cats/broken.png", "bad_image")
+    ]
     raw, meta = metas["cats_cat2"]
     assert [(t["name"], t["sample_rate"]) for t in meta["audio_tracks"]] == [
         ("audio0.flac", 16000),
@@ -376,7 +393,7 @@ GOOD_LINES = [
     [
         ('{"image": "img/a.png", "caption": "x"', "not JSON"),
         ('{"image": "img/missing.png"}', "does not exist"),
-        ('{"image": "img/bad.png", "caption": "x"}', "image does not decode"),
+        ('{"image": "img/bad.png"}', "image does not decode"),  # nothing else in the record
         ('{"imgae": "img/a.png"}', "unknown field(s) imgae"),
     ],
 )
@@ -399,9 +416,10 @@ def test_jsonl_builds_and_reads_back(manifest_files, tmp_path):
     )
     index = read_index(out / "train")
     assert index["classes"] == ["circle", "square"]
-    assert index["build"]["skipped"] == {"bad_image": 1, "bad_line": 1, "no_modality": 1}
+    assert index["build"]["skipped"] == {"bad_line": 1, "no_modality": 1}
+    assert index["build"]["dropped"] == {"image": {"bad_image": 1}}  # its caption "x" is kept
     assert index["build"]["counters"] == {"empty_captions": 2}
-    assert index["pattern_counts"] == {"image+text+audio": 1, "text": 1, "image+audio": 1, "image+text": 1, "audio": 1}
+    assert index["pattern_counts"] == {"image+text+audio": 1, "text": 2, "image+audio": 1, "image+text": 1, "audio": 1}
     assert "skipped" in report.summary
     metas = {raw["__key__"]: meta for raw, meta in shard_samples(out / "train")}
     assert {"img_a_png", "img_a_png-1"} <= set(metas)  # one image, two captions: two records, one group
