@@ -27,12 +27,14 @@ def cmd_data_build(args: argparse.Namespace) -> int:
     from data_pipeline.storage import StorageError, is_remote, upload_tree
 
     if is_remote(args.out):
-        # Build in a local staging folder, then upload (shards first, each index last).
+        # Build in a local temporary folder (removed on any exit), then upload
+        # (shards first, each index last); `build` inside it is staged like any build.
         with tempfile.TemporaryDirectory(prefix="calmrl-build-") as staging:
-            code = _build_local(args, Path(staging))
+            local = Path(staging) / "build"
+            code = _build_local(args, local)
             if code == 0:
                 try:
-                    upload_tree(staging, args.out)
+                    upload_tree(local, args.out)
                 except StorageError as exc:
                     print(f"calmrl: upload error: {exc}", file=sys.stderr)
                     return 2
@@ -42,10 +44,19 @@ def cmd_data_build(args: argparse.Namespace) -> int:
 
 
 def _build_local(args: argparse.Namespace, out) -> int:
+    import signal
+    import threading
     from pathlib import Path
 
     from data_pipeline.sources import SOURCES, BuildOptions, SourceError, parse_missing, parse_split_fractions
 
+    def stop(signum: int, frame: Any) -> None:
+        # A scheduler's SIGTERM (preemption, time limit) becomes an exception, so the
+        # build removes its staging folder instead of dying with it in place.
+        raise SystemExit(128 + signum)
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, stop) if main_thread else None
     try:
         opts = BuildOptions(
             out=out,
@@ -63,6 +74,9 @@ def _build_local(args: argparse.Namespace, out) -> int:
     except SourceError as exc:
         print(f"calmrl: data error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        if previous is not None:  # None: not ours to restore (not the main thread, or set outside Python)
+            signal.signal(signal.SIGTERM, previous)
     print(report.summary)
     return 0
 
