@@ -105,7 +105,8 @@ def publish(staging: Path, out: Path) -> None:
 
 def staged_build(builder: Callable[[BuildOptions], BuildReport], opts: BuildOptions) -> BuildReport:
     """Run `builder` into a staging folder beside `opts.out`; publish it on success, remove it on failure."""
-    out = Path(opts.out)
+    given = Path(opts.out)
+    out = Path(os.path.realpath(given))  # a symlinked --out: stage and publish beside its target
     check_out(out)  # before any work: a refused --out should not cost a build
     out.parent.mkdir(parents=True, exist_ok=True)
     clear_stale_staging(out)
@@ -118,5 +119,5 @@ def staged_build(builder: Callable[[BuildOptions], BuildReport], opts: BuildOpti
     except BaseException:  # KeyboardInterrupt and SystemExit too: nothing half-built stays behind
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    report.summary = report.summary.replace(str(staging), str(out))
+    report.summary = report.summary.replace(str(staging), str(given))
     return report

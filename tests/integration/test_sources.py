@@ -551,7 +551,7 @@ def test_huge_png_is_downscaled_and_kept_without_a_warning(huge_png, tmp_path):
         report = SOURCES["jsonl"](
             BuildOptions(out=out, input=manifest, split_fractions=(1.0, 0.0, 0.0), progress=False)
         )
-    assert Image.MAX_IMAGE_PIXELS == limit  # Pillow's setting is left as it was
+    assert limit == Image.MAX_IMAGE_PIXELS  # Pillow's setting is left as it was
     ((raw, meta),) = list(shard_samples(out / "train"))
     with Image.open(io.BytesIO(raw["png"])) as img:
         assert img.size == (4096, 4096) and img.getextrema() == (128, 128)
