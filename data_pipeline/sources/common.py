@@ -11,7 +11,10 @@ and its metadata holds `source`, `split`, `label` (-1: none), `modalities`
 `audio_tracks`: [{"name": "audio0.ogg", "kind": ..., "lang": ..., "file": ...,
 "sample_rate": ..., "channels": ..., "seconds": ...}] in entry order.
 
-A record that cannot be read raises `BadRecord`; the build stops with a
+A file that does not decode costs its record only that modality (`Dropped`:
+`MODALITY_absent` and `dropped` in the metadata, `build.dropped` in every
+index); pictures longer than `max_image_side` are downscaled (`check_image`). A
+record with nothing usable left raises `BadRecord`; the build stops with a
 `SourceError` naming the file and the fix, or with --skip-bad counts it (per
 reason, in every index's `build.skipped`) and goes on. A record left with no
 modality (e.g. only an empty caption) is always counted and skipped: docs/design.md
