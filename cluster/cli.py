@@ -21,24 +21,52 @@ from typing import Any
 
 
 def cmd_data_build(args: argparse.Namespace) -> int:
+    import signal
     import tempfile
+    import threading
     from pathlib import Path
 
     from data_pipeline.storage import StorageError, is_remote, upload_tree
 
-    if is_remote(args.out):
-        # Build in a local staging folder, then upload (shards first, each index last).
-        with tempfile.TemporaryDirectory(prefix="calmrl-build-") as staging:
-            code = _build_local(args, Path(staging))
-            if code == 0:
-                try:
-                    upload_tree(staging, args.out)
-                except StorageError as exc:
-                    print(f"calmrl: upload error: {exc}", file=sys.stderr)
-                    return 2
-                print(f"uploaded to {args.out}")
-            return code
-    return _build_local(args, Path(args.out))
+    raised: list[BaseException] = []
+
+    def stop(signum: int, frame: Any) -> None:
+        # Ctrl-C and a scheduler's SIGTERM (preemption, time limit) become exceptions,
+        # so the build removes its staging folder (and an upload its local copy)
+        # instead of dying with them in place. Python prints and drops an exception
+        # raised inside a finalizer (a __del__, a generator being collected), so the
+        # signal is sent again a second later; by then it finds its exception being
+        # handled (the cleanup running) and lets it be, or raises it again.
+        if raised and sys.exc_info()[1] is raised[-1]:
+            return
+        raised.append(KeyboardInterrupt() if signum == signal.SIGINT else SystemExit(128 + signum))
+        again = threading.Timer(1.0, os.kill, (os.getpid(), signum))
+        again.daemon = True
+        again.start()
+        raise raised[-1]
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)} if main_thread else {}
+    try:
+        if is_remote(args.out):
+            # Build in a local temporary folder (removed on any exit), then upload
+            # (shards first, each index last); `build` inside it is staged like any build.
+            with tempfile.TemporaryDirectory(prefix="calmrl-build-") as staging:
+                local = Path(staging) / "build"
+                code = _build_local(args, local)
+                if code == 0:
+                    try:
+                        upload_tree(local, args.out)
+                    except StorageError as exc:
+                        print(f"calmrl: upload error: {exc}", file=sys.stderr)
+                        return 2
+                    print(f"uploaded to {args.out}")
+                return code
+        return _build_local(args, Path(args.out))
+    finally:
+        for signum, handler in previous.items():
+            if handler is not None:  # None: set outside Python, not ours to restore
+                signal.signal(signum, handler)
 
 
 def _build_local(args: argparse.Namespace, out) -> int:

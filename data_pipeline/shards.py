@@ -119,7 +119,10 @@ class ShardSetWriter:
 
     def _finish(self) -> None:
         assert self._writer is not None and self._stream is not None
-        self._writer.close()  # closes the stream too
+        self._writer.close()  # ends the tar; a stream it did not open stays open (webdataset)
+        self._stream.flush()
+        os.fsync(self._stream.fileno())  # on disk before it is renamed into place, as atomic_write does
+        self._stream.close()
         path = self._shard_path(len(self._shards))
         tmp = path.with_name(path.name + ".tmp")
         entry: dict[str, Any] = {"name": path.name, "count": self._count}
@@ -135,7 +138,11 @@ class ShardSetWriter:
 
     def _abort(self) -> None:
         if self._writer is not None:
-            self._writer.close()
+            assert self._stream is not None
+            try:
+                self._writer.close()
+            finally:
+                self._stream.close()
             tmp = self._shard_path(len(self._shards))
             tmp.with_name(tmp.name + ".tmp").unlink(missing_ok=True)
             self._writer = self._stream = None

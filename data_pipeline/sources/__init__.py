@@ -4,6 +4,9 @@
 and returning a `BuildReport` after writing `out/{train,val,test}/` (shards
 and `index.json`) and `out/tokenizer.json`. Builders are imported on first
 use, so importing this registry (the CLI does, to list the names) stays cheap.
+Each runs in a staging folder that is renamed to `out` only when the build is
+complete and removed on any failure (`staging.py`): a failed build leaves no
+half of a data set.
 
 Every source writes the same sample format (see `common.py`): `KEY.json`
 metadata, `KEY.png|jpg|webp`, `KEY.txt` (an English caption) and any number of
@@ -21,6 +24,17 @@ from typing import Any
 
 SPLITS = ("train", "val", "test")
 DEFAULT_SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
+
+# An oversized picture is downscaled on load to this longest side: a training
+# image is a few hundred pixels, and a 4096-pixel side keeps typical photos
+# (12 MP phones, 4000 x 3000) byte-identical while a poster-sized scan no longer
+# costs gigabytes in every epoch.
+MAX_IMAGE_SIDE = 4096
+# The most pixels check_image decodes (after a JPEG's draft): 16384 x 16384,
+# about 1 GB as RGBA while it is downscaled. Larger pictures are refused with
+# the reason `image_too_large`. Pillow's own decompression-bomb check (a warning
+# above 89 MP, an error above 179 MP) is replaced by this one (common._pixel_limit).
+MAX_DECODE_PIXELS = 16384 * 16384
 
 
 class SourceError(ValueError):
@@ -41,6 +55,8 @@ class BuildOptions:
     image_size: int | None = None  # synthetic only
     missing: tuple[float, float, float] | None = None  # synthetic only: image, text, audio missing rates
     vocab_size: int = 2000
+    max_image_side: int = MAX_IMAGE_SIDE  # real sources: a longer picture is downscaled to this side
+    max_image_pixels: int = MAX_DECODE_PIXELS  # real sources: a picture with more is refused (image_too_large)
 
 
 @dataclass
@@ -55,11 +71,16 @@ Builder = Callable[[BuildOptions], BuildReport]
 
 def _lazy(module: str, name: str) -> Builder:
     def build(opts: BuildOptions) -> BuildReport:
-        return getattr(importlib.import_module(module), name)(opts)
+        from data_pipeline.sources.staging import staged_build
+
+        return staged_build(getattr(importlib.import_module(module), name), opts)
 
     build.__name__ = name
     build.__qualname__ = name
-    build.__doc__ = f"Build shards with {module}.{name} (imported on first use)."
+    build.__doc__ = (
+        f"Build shards with {module}.{name} (imported on first use), in a staging folder "
+        "renamed into place when complete (sources/staging.py)."
+    )
     return build
 
 

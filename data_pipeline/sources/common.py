@@ -11,7 +11,10 @@ and its metadata holds `source`, `split`, `label` (-1: none), `modalities`
 `audio_tracks`: [{"name": "audio0.ogg", "kind": ..., "lang": ..., "file": ...,
 "sample_rate": ..., "channels": ..., "seconds": ...}] in entry order.
 
-A record that cannot be read raises `BadRecord`; the build stops with a
+A file that does not decode costs its record only that modality (`Dropped`:
+`MODALITY_absent` and `dropped` in the metadata, `build.dropped` in every
+index); pictures longer than `max_image_side` are downscaled (`check_image`). A
+record with nothing usable left raises `BadRecord`; the build stops with a
 `SourceError` naming the file and the fix, or with --skip-bad counts it (per
 reason, in every index's `build.skipped`) and goes on. A record left with no
 modality (e.g. only an empty caption) is always counted and skipped: docs/design.md
@@ -23,12 +26,13 @@ from __future__ import annotations
 import hashlib
 import io
 import re
+import threading
 from collections import Counter
-from collections.abc import Callable, Iterable
-from contextlib import ExitStack
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import soundfile
 from PIL import Image
@@ -37,7 +41,15 @@ from tqdm import tqdm
 from data_pipeline.atomic import atomic_write
 from data_pipeline.contract import pattern_name
 from data_pipeline.shards import ShardSetWriter
-from data_pipeline.sources import DEFAULT_SPLIT_FRACTIONS, SPLITS, BuildOptions, BuildReport, SourceError
+from data_pipeline.sources import (
+    DEFAULT_SPLIT_FRACTIONS,
+    MAX_DECODE_PIXELS,
+    MAX_IMAGE_SIDE,
+    SPLITS,
+    BuildOptions,
+    BuildReport,
+    SourceError,
+)
 from data_pipeline.tokenizer import train_tokenizer
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -101,25 +113,75 @@ class KeyMaker:
 # ---------------------------------------------------------------- one file of each modality
 
 
-def check_image(data: bytes, origin: str) -> tuple[str, bytes, dict[str, Any]]:
-    """Decode fully; return (entry extension, bytes to store, info)."""
+_PIXEL_LIMIT_LOCK = threading.Lock()
+
+
+@contextmanager
+def _pixel_limit() -> Iterator[None]:
+    """Pillow's decompression-bomb check off while check_image opens, decodes and
+    downscales one picture: check_image applies its own limit (`max_pixels`) to
+    the size it is about to decode, so an oversized picture is downscaled, or
+    refused with a reason, instead of raising DecompressionBombError or warning
+    once per file. The limit is Pillow's module setting, so it is restored right
+    after, under a lock."""
+    with _PIXEL_LIMIT_LOCK:
+        saved = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+
+
+def check_image(
+    data: bytes, origin: str, max_side: int = MAX_IMAGE_SIDE, max_pixels: int = MAX_DECODE_PIXELS
+) -> tuple[str, bytes, dict[str, Any]]:
+    """Decode fully; return (entry extension, bytes to store, info).
+
+    A picture whose longest side exceeds `max_side` is downscaled to it (JPEG
+    decoded at a reduced scale with `draft`, then `thumbnail`) and stored
+    re-encoded (JPEG stays JPEG, anything else becomes PNG); `info` then holds
+    its `original_size`. One with more than `max_pixels` to decode raises
+    BadRecord("image_too_large")."""
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with _pixel_limit(), Image.open(io.BytesIO(data)) as img:
+            fmt, original = img.format, img.size
+            too_big = max(original) > max_side
+            if too_big:
+                img.draft(None, (max_side, max_side))  # JPEG: decode at 1/2, 1/4 or 1/8 scale
+            if img.width * img.height > max_pixels:
+                raise BadRecord(
+                    "image_too_large",
+                    f"{origin}: image of {original[0]} x {original[1]} pixels is larger than the "
+                    f"{max_pixels:,} pixels the build decodes; downscale it (longest side {max_side} is "
+                    f"what is stored), {SKIP_BAD_HINT}",
+                )
             img.load()
-            fmt, mode, (width, height) = img.format, img.mode, img.size
+            mode, (width, height) = img.mode, img.size
             has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
             ext = STORED_IMAGE_FORMATS.get(fmt or "")
-            if ext is None:  # a format the reader does not take as-is
+            if too_big:
+                img.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+                width, height = img.size
+                ext = "jpg" if fmt == "JPEG" else "png"
+            if too_big or ext is None:  # downscaled, or a format the reader does not take as-is
                 buf = io.BytesIO()
-                img.save(buf, format="PNG")
-                data, ext = buf.getvalue(), "png"
+                if ext == "jpg":
+                    img.save(buf, format="JPEG", quality=95)
+                else:
+                    img.save(buf, format="PNG")
+                data, ext = buf.getvalue(), ext or "png"
+    except BadRecord:
+        raise
     except Exception as exc:  # PIL raises many types for bad bytes
         raise BadRecord(
             "bad_image",
             f"{origin}: image does not decode ({type(exc).__name__}: {exc}); "
             f"replace or delete the file, {SKIP_BAD_HINT}",
         ) from exc
-    info = {"width": width, "height": height, "mode": mode, "has_alpha": has_alpha, "format": fmt}
+    info: dict[str, Any] = {"width": width, "height": height, "mode": mode, "has_alpha": has_alpha, "format": fmt}
+    if too_big:
+        info["original_size"] = list(original)
     return ext, data, info
 
 
@@ -177,10 +239,45 @@ class Track:
     info: dict[str, Any] = field(default_factory=dict)  # file, sample_rate, channels, seconds
 
 
+T = TypeVar("T")
+
+
+class Dropped:
+    """The files of one record that did not decode: the record goes on without
+    them and keeps what does decode. Each becomes an entry of the metadata's
+    `dropped` list ({"modality", "file", "reason", "error"}); a modality left
+    with nothing gets `MODALITY_absent: REASON` (as tuxpaint's `svg_only`)."""
+
+    def __init__(self) -> None:
+        self.entries: list[dict[str, Any]] = []
+        self.errors: list[BadRecord] = []
+
+    def attempt(self, modality: str, file: str, load: Callable[[], T]) -> T | None:
+        """`load()`, or None when it raises BadRecord (recorded)."""
+        try:
+            return load()
+        except BadRecord as bad:
+            error = str(bad).replace(f", {SKIP_BAD_HINT}", "").replace(f"; {SKIP_BAD_HINT}", "")
+            self.entries.append({"modality": modality, "file": file, "reason": bad.reason, "error": error})
+            self.errors.append(bad)
+            return None
+
+    def entries_for(self, modality: str) -> list[dict[str, Any]]:
+        return [e for e in self.entries if e["modality"] == modality]
+
+
 def assemble(
-    key: str, meta: dict[str, Any], image: tuple[str, bytes] | None, caption: str | None, tracks: list[Track]
+    key: str,
+    meta: dict[str, Any],
+    image: tuple[str, bytes] | None,
+    caption: str | None,
+    tracks: list[Track],
+    dropped: Dropped | None = None,
 ) -> dict[str, Any]:
-    """A sample for ShardSetWriter; metadata gets `modalities` and `audio_tracks`."""
+    """A sample for ShardSetWriter; metadata gets `modalities` and `audio_tracks`,
+    and, when files were dropped, `dropped` and `MODALITY_absent` for a modality
+    left with nothing. A record whose every file was dropped raises the first
+    file's BadRecord: nothing usable is left, so it is a bad record."""
     sample: dict[str, Any] = {"__key__": key}
     modalities = []
     if image is not None:
@@ -196,6 +293,15 @@ def assemble(
         described.append({"name": name, "kind": track.kind, "lang": track.lang, **track.info})
     if tracks:
         modalities.append("audio")
+    if dropped is not None and dropped.entries:
+        if not modalities:
+            first = dropped.errors[0]
+            more = len(dropped.errors) - 1
+            raise BadRecord(first.reason, str(first) + (f" (and {more} more file(s) of this record)" if more else ""))
+        for entry in dropped.entries:
+            if entry["modality"] not in modalities and not meta.get(f"{entry['modality']}_absent"):
+                meta[f"{entry['modality']}_absent"] = entry["reason"]
+        meta["dropped"] = dropped.entries
     sample["json"] = {**meta, "modalities": modalities, "audio_tracks": described}
     return sample
 
@@ -262,6 +368,8 @@ class WriteResult:
     skipped: Counter[str]
     written: int
     totals: Counter[str]  # pattern counts over all splits
+    dropped: dict[str, Counter[str]] = field(default_factory=dict)  # modality -> reason -> files dropped
+    downscaled: int = 0  # pictures stored downscaled (longer than --max_image_side)
 
 
 def write_records(
@@ -291,6 +399,8 @@ def write_records(
     totals: Counter[str] = Counter()
     train_captions: list[str] = []
     written = 0
+    dropped: dict[str, Counter[str]] = {}  # over the records written; a skipped record counts in `skipped`
+    downscaled = 0
     with ExitStack() as stack:
         writers = {}
         for split in SPLITS:
@@ -321,6 +431,9 @@ def write_records(
             stats[split].add(meta)
             totals[pattern_name(meta["modalities"])] += 1
             written += 1
+            for entry in meta.get("dropped", ()):
+                dropped.setdefault(entry["modality"], Counter())[entry["reason"]] += 1
+            downscaled += "original_size" in meta.get("image", {})
             if split == "train" and "txt" in sample:
                 train_captions.append(sample["txt"].decode("utf-8"))
         bar.close()
@@ -330,12 +443,28 @@ def write_records(
             "written": written,
             "skipped": dict(sorted(skipped.items())),
         }
+        # Only when something happened, so a clean build's index stays as it was.
+        if dropped:
+            build["dropped"] = {m: dict(sorted(c.items())) for m, c in sorted(dropped.items())}
+        if downscaled:
+            build["images_downscaled"] = {"count": downscaled, "max_side": opts.max_image_side}
         for split, writer in writers.items():
             writer.extra_index.update(stats[split].to_index())
             writer.extra_index["build"] = build
     indexes = {split: _written_index(writers[split]) for split in SPLITS}
     write_tokenizer(out, train_captions, opts.vocab_size)
-    return WriteResult(indexes, skipped, written, totals)
+    return WriteResult(indexes, skipped, written, totals, dropped, downscaled)
+
+
+def salvage_summary(result: WriteResult, max_side: int) -> str:
+    """'; dropped files (record kept): image bad_image 2, ...; images downscaled ...', or '' when none."""
+    parts = []
+    if result.dropped:
+        counts = {f"{m} {r}": n for m, c in result.dropped.items() for r, n in c.items()}
+        parts.append(f"dropped files (their records kept the rest): {format_counts(counts)}")
+    if result.downscaled:
+        parts.append(f"images downscaled to a longest side of {max_side}: {result.downscaled}")
+    return "".join(f"; {p}" for p in parts)
 
 
 def write_tokenizer(out: Path, captions: Iterable[str], vocab_size: int) -> None:

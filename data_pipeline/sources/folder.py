@@ -13,9 +13,11 @@
 - label: the first-level subfolder; records directly in DIR have label -1.
   `classes` in the index lists the subfolder names, sorted.
 Other files (and hidden ones) are ignored and counted. A file that cannot be
-decoded stops the build with its path and the fix, or, with --skip-bad, its
-record is skipped and counted; a record left with no modality is skipped and
-counted. The split is by the hash of the record's path (--split-fractions).
+decoded leaves its modality absent (`MODALITY_absent` and `dropped` in the
+metadata, counted in `build.dropped`) and the record keeps the rest; a record
+with nothing usable left stops the build with the file's path and the fix, or,
+with --skip-bad, is skipped and counted; a record with no file of any modality
+left (only an empty caption) is skipped and counted. The split is by the hash of the record's path (--split-fractions).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from data_pipeline.sources.common import (
     SKIP_BAD_HINT,
     TEXT_SUFFIXES,
     BadRecord,
+    Dropped,
     KeyMaker,
     Record,
     Track,
@@ -42,6 +45,7 @@ from data_pipeline.sources.common import (
     format_counts,
     label_classes,
     read_file,
+    salvage_summary,
     split_summary,
     write_records,
 )
@@ -53,7 +57,14 @@ def reject_synthetic_flags(opts: BuildOptions, source: str) -> None:
 
 
 def _load(
-    files: list[Path], root: Path, key: str, stem: str, label: int, label_name: str | None, counters: Counter[str]
+    files: list[Path],
+    root: Path,
+    key: str,
+    stem: str,
+    label: int,
+    label_name: str | None,
+    counters: Counter[str],
+    opts: BuildOptions,
 ) -> dict[str, Any]:
     images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
     texts = [p for p in files if p.suffix.lower() in TEXT_SUFFIXES]
@@ -72,23 +83,38 @@ def _load(
         "record": stem,
         "files": [rel(p) for p in files],
     }
+    dropped = Dropped()  # a file that does not decode leaves its modality absent, not the record
     image = None
     if images:
-        ext, data, info = check_image(read_file(images[0], rel(images[0])), str(images[0]))
-        image = (ext, data)
-        meta["image"] = {"file": rel(images[0]), **info}
+        path = images[0]
+        checked = dropped.attempt(
+            "image",
+            rel(path),
+            lambda: check_image(read_file(path, rel(path)), str(path), opts.max_image_side, opts.max_image_pixels),
+        )
+        if checked is not None:
+            ext, data, info = checked
+            image = (ext, data)
+            meta["image"] = {"file": rel(path), **info}
     caption = None
     if texts:
-        caption = check_caption(read_file(texts[0], rel(texts[0])), str(texts[0]))
-        if caption is None:
+        text = texts[0]
+        caption = dropped.attempt("text", rel(text), lambda: check_caption(read_file(text, rel(text)), str(text)))
+        if caption is None and not dropped.entries_for("text"):
             counters["empty_captions"] += 1
             meta["text_absent"] = "empty_caption"
-    tracks = []
-    for path in audios:
+
+    def load_track(path: Path) -> Track:
         data = read_file(path, rel(path))
         info = check_audio(data, str(path))
-        tracks.append(Track(data, path.suffix.lower().lstrip("."), None, None, {"file": rel(path), **info}))
-    return assemble(key, meta, image, caption, tracks)
+        return Track(data, path.suffix.lower().lstrip("."), None, None, {"file": rel(path), **info})
+
+    tracks = []
+    for path in audios:
+        track = dropped.attempt("audio", rel(path), partial(load_track, path))
+        if track is not None:
+            tracks.append(track)
+    return assemble(key, meta, image, caption, tracks, dropped)
 
 
 def build_folder(opts: BuildOptions) -> BuildReport:
@@ -129,13 +155,13 @@ def build_folder(opts: BuildOptions) -> BuildReport:
         name = stem.split("/", 1)[0] if "/" in stem else None
         label = class_id[name] if name is not None else -1
         key = make_key(stem)
-        records.append(Record(key, stem, partial(_load, files, root, key, stem, label, name, counters)))
+        records.append(Record(key, stem, partial(_load, files, root, key, stem, label, name, counters, opts)))
     extra = {"num_classes": len(classes), "classes": classes, "input": str(root)}
     result = write_records(opts, "folder", records, extra, build)
     summary = (
         f"wrote {opts.out} from folder {root}: {len(records)} records ({split_summary(result.indexes)}); "
         f"patterns: {format_counts(dict(result.totals))}; {len(classes)} classes; "
         f"empty captions {counters['empty_captions']}, skipped {format_counts(dict(result.skipped))}, "
-        f"ignored files {ignored}"
+        f"ignored files {ignored}" + salvage_summary(result, opts.max_image_side)
     )
     return BuildReport(result.indexes, summary, {"build": build})

@@ -14,7 +14,9 @@ error (a typo would otherwise drop a modality silently). Blank lines are skipped
 
 Lines with the same id (e.g. one image with five captions) go to the same
 split and get keys `name`, `name-1`, ... Errors name the line and the file;
---skip-bad counts and skips unusable lines instead.
+--skip-bad counts and skips unusable lines instead. A file that does not
+decode (or is missing) leaves its modality absent and the record keeps the
+rest (common.Dropped); a record left with nothing is a bad record.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from data_pipeline.sources.common import (
     AUDIO_SUFFIXES,
     SKIP_BAD_HINT,
     BadRecord,
+    Dropped,
     KeyMaker,
     Record,
     Track,
@@ -38,6 +41,7 @@ from data_pipeline.sources.common import (
     check_image,
     format_counts,
     read_file,
+    salvage_summary,
     split_summary,
     write_records,
 )
@@ -95,7 +99,14 @@ def _parse_line(text: str, where: str) -> dict[str, Any]:
 
 
 def _load(
-    obj: dict[str, Any], base: Path, key: str, label: int, manifest: Path, line: int, counters: Counter[str]
+    obj: dict[str, Any],
+    base: Path,
+    key: str,
+    label: int,
+    manifest: Path,
+    line: int,
+    counters: Counter[str],
+    opts: BuildOptions,
 ) -> dict[str, Any]:
     where = _where(manifest, line)
 
@@ -118,18 +129,25 @@ def _load(
         "id": obj.get("id"),
         "meta": obj.get("meta", {}),
     }
+    dropped = Dropped()  # a file that does not decode leaves its modality absent, not the record
+
+    def load_image(rel: str) -> tuple[str, bytes, dict[str, Any]]:
+        path, origin = resolve(rel, "image")
+        return check_image(read_file(path, origin), origin, opts.max_image_side, opts.max_image_pixels)
+
     image = None
     if obj.get("image"):
-        path, origin = resolve(obj["image"], "image")
-        ext, data, info = check_image(read_file(path, origin), origin)
-        image = (ext, data)
-        meta["image"] = {"file": obj["image"], **info}
+        checked = dropped.attempt("image", obj["image"], partial(load_image, obj["image"]))
+        if checked is not None:
+            ext, data, info = checked
+            image = (ext, data)
+            meta["image"] = {"file": obj["image"], **info}
     caption = (obj.get("caption") or "").strip() or None
     if "caption" in obj and caption is None:
         counters["empty_captions"] += 1
         meta["text_absent"] = "empty_caption"
-    tracks = []
-    for spec in obj["audio"]:
+
+    def load_track(spec: dict[str, Any]) -> Track:
         path, origin = resolve(spec["path"], "audio")
         ext = path.suffix.lower()
         if ext not in AUDIO_SUFFIXES:
@@ -138,8 +156,14 @@ def _load(
             )
         data = read_file(path, origin)
         info = check_audio(data, origin)
-        tracks.append(Track(data, ext.lstrip("."), spec.get("kind"), spec.get("lang"), {"file": spec["path"], **info}))
-    return assemble(key, meta, image, caption, tracks)
+        return Track(data, ext.lstrip("."), spec.get("kind"), spec.get("lang"), {"file": spec["path"], **info})
+
+    tracks = []
+    for spec in obj["audio"]:
+        track = dropped.attempt("audio", spec["path"], partial(load_track, spec))
+        if track is not None:
+            tracks.append(track)
+    return assemble(key, meta, image, caption, tracks, dropped)
 
 
 def build_jsonl(opts: BuildOptions) -> BuildReport:
@@ -195,7 +219,7 @@ def build_jsonl(opts: BuildOptions) -> BuildReport:
         key = make_key(name if seen[group] == 1 else f"{name}-{seen[group] - 1}")
         label = obj.get("label")
         label_id = class_id[label] if isinstance(label, str) else (label if label is not None else -1)
-        records.append(Record(key, group, partial(_load, obj, base, key, label_id, manifest, number, counters)))
+        records.append(Record(key, group, partial(_load, obj, base, key, label_id, manifest, number, counters, opts)))
     extra: dict[str, Any] = {"num_classes": num_classes, "manifest": str(manifest)}
     if classes is not None:
         extra["classes"] = classes
@@ -213,5 +237,6 @@ def build_jsonl(opts: BuildOptions) -> BuildReport:
         f"wrote {opts.out} from {manifest}: {len(records)} records ({split_summary(result.indexes)}); "
         f"patterns: {format_counts(dict(result.totals))}; {num_classes} classes; "
         f"empty captions {counters['empty_captions']}, skipped {format_counts(dict(skipped))}"
+        + salvage_summary(result, opts.max_image_side)
     )
     return BuildReport(result.indexes, summary, {"build": build})

@@ -16,6 +16,9 @@ A stamp is a file stem in a folder under `stamps/<category>/...` with a picture
   `NAME_desc_LANG.ogg|wav` ("description", LANG). An audio file naming no
   stamp of its folder exactly (Tux Paint matches exact names too) is an orphan:
   counted and listed in the index, not written.
+- a file that does not decode leaves its modality absent (`image_absent:
+  "bad_image"`, `dropped` in the metadata, `build.dropped` in the index) and
+  the stamp keeps the rest; a stamp with nothing usable left is a bad record.
 - label: the category (top-level folder), `classes` in the index.
 The split is by stamp: the hash of its path (e.g. `animals/birds/blackbird`).
 
@@ -48,6 +51,7 @@ from data_pipeline.cache import cache_dir
 from data_pipeline.sources import BuildOptions, BuildReport, SourceError
 from data_pipeline.sources.common import (
     BadRecord,
+    Dropped,
     KeyMaker,
     Record,
     Track,
@@ -57,6 +61,7 @@ from data_pipeline.sources.common import (
     format_counts,
     label_classes,
     read_file,
+    salvage_summary,
     split_summary,
     write_records,
 )
@@ -386,7 +391,9 @@ def scan_stamps(stamps_dir: Path) -> tuple[list[Stamp], list[str]]:
 # ---------------------------------------------------------------- building
 
 
-def _load_stamp(stamp: Stamp, key: str, label: int, stamps_dir: Path, build: dict[str, Any]) -> dict[str, Any]:
+def _load_stamp(
+    stamp: Stamp, key: str, label: int, stamps_dir: Path, build: dict[str, Any], opts: BuildOptions
+) -> dict[str, Any]:
     def rel(p: Path) -> str:
         return str(p.relative_to(stamps_dir))
 
@@ -398,16 +405,24 @@ def _load_stamp(stamp: Stamp, key: str, label: int, stamps_dir: Path, build: dic
         "image_absent": None,
         "text_absent": None,
     }
+    dropped = Dropped()  # a file that does not decode leaves its modality absent, not the stamp
     image = None
     if stamp.png is not None:
-        ext, data, info = check_image(read_file(stamp.png, rel(stamp.png)), rel(stamp.png))
-        image = (ext, data)
-        meta["image"] = {"file": rel(stamp.png), **info}
-        build["image_modes"][info["mode"]] += 1
-        build["image_with_alpha"] += int(info["has_alpha"])
-        sizes = build["image_size_range"]
-        sizes["min"] = [min(a, b) for a, b in zip(sizes["min"], (info["width"], info["height"]))]
-        sizes["max"] = [max(a, b) for a, b in zip(sizes["max"], (info["width"], info["height"]))]
+        png = stamp.png
+        checked = dropped.attempt(
+            "image",
+            rel(png),
+            lambda: check_image(read_file(png, rel(png)), rel(png), opts.max_image_side, opts.max_image_pixels),
+        )
+        if checked is not None:
+            ext, data, info = checked
+            image = (ext, data)
+            meta["image"] = {"file": rel(png), **info}
+            build["image_modes"][info["mode"]] += 1
+            build["image_with_alpha"] += int(info["has_alpha"])
+            sizes = build["image_size_range"]
+            sizes["min"] = [min(a, b) for a, b in zip(sizes["min"], (info["width"], info["height"]))]
+            sizes["max"] = [max(a, b) for a, b in zip(sizes["max"], (info["width"], info["height"]))]
     else:
         meta["image_absent"] = "svg_only" if stamp.svg is not None else "no_image_file"
     if stamp.svg is not None:
@@ -416,32 +431,46 @@ def _load_stamp(stamp: Stamp, key: str, label: int, stamps_dir: Path, build: dic
     caption = None
     meta["caption_translations"] = {}
     if stamp.txt is not None:
-        try:
-            caption, translations, unparsed = parse_caption_file(read_file(stamp.txt, rel(stamp.txt)))
-        except UnicodeDecodeError as exc:
-            raise BadRecord("bad_caption", f"{rel(stamp.txt)}: caption file is not UTF-8 ({exc})") from exc
-        meta["caption_translations"] = translations
-        build["caption_lines_unparsed"] += unparsed
-        if caption is None:
-            meta["text_absent"] = "no_english_caption"
+        txt = stamp.txt
+
+        def load_caption() -> tuple[str | None, dict[str, str], int]:
+            try:
+                return parse_caption_file(read_file(txt, rel(txt)))
+            except UnicodeDecodeError as exc:
+                raise BadRecord("bad_caption", f"{rel(txt)}: caption file is not UTF-8 ({exc})") from exc
+
+        parsed = dropped.attempt("text", rel(txt), load_caption)
+        if parsed is not None:
+            caption, translations, unparsed = parsed
+            meta["caption_translations"] = translations
+            build["caption_lines_unparsed"] += unparsed
+            if caption is None:
+                meta["text_absent"] = "no_english_caption"
     else:
         meta["text_absent"] = "no_caption_file"
     if stamp.dat is not None:
         meta["stamp_options"] = [
             line.strip() for line in stamp.dat.read_text("utf-8", "replace").splitlines() if line.strip()
         ]
-    tracks = []
-    for path, kind, lang in stamp.tracks:
+
+    def load_track(path: Path, kind: str, lang: str | None) -> Track:
         data = read_file(path, rel(path))
         info = check_audio(data, rel(path), full_decode=False)
-        tracks.append(Track(data, path.suffix.lower().lstrip("."), kind, lang, {"file": rel(path), **info}))
-        build["audio_sample_rates"][str(info["sample_rate"])] += 1
-        build["audio_channels"][str(info["channels"])] += 1
+        return Track(data, path.suffix.lower().lstrip("."), kind, lang, {"file": rel(path), **info})
+
+    tracks = []
+    for path, kind, lang in stamp.tracks:
+        track = dropped.attempt("audio", rel(path), partial(load_track, path, kind, lang))
+        if track is None:
+            continue
+        tracks.append(track)
+        build["audio_sample_rates"][str(track.info["sample_rate"])] += 1
+        build["audio_channels"][str(track.info["channels"])] += 1
         build["audio_seconds_range"] = [
-            min(build["audio_seconds_range"][0], info["seconds"]),
-            max(build["audio_seconds_range"][1], info["seconds"]),
+            min(build["audio_seconds_range"][0], track.info["seconds"]),
+            max(build["audio_seconds_range"][1], track.info["seconds"]),
         ]
-    return assemble(key, meta, image, caption, tracks)
+    return assemble(key, meta, image, caption, tracks, dropped)
 
 
 def build_tuxpaint(opts: BuildOptions) -> BuildReport:
@@ -478,7 +507,9 @@ def build_tuxpaint(opts: BuildOptions) -> BuildReport:
     for stamp in stamps:
         key = make_key(stamp.rel)
         label = class_id[stamp.category]
-        records.append(Record(key, _split_group(stamp), partial(_load_stamp, stamp, key, label, stamps_dir, build)))
+        records.append(
+            Record(key, _split_group(stamp), partial(_load_stamp, stamp, key, label, stamps_dir, build, opts))
+        )
     extra = {
         "num_classes": len(classes),
         "classes": classes,
@@ -507,5 +538,6 @@ def build_tuxpaint(opts: BuildOptions) -> BuildReport:
         f"{images.get('svg_only', 0)}, no file {images.get('no_image_file', 0)}; not written: "
         f"{build['alternate_images_skipped']} mirror/flip images, {len(orphans)} orphan audio files"
         + (f", skipped {format_counts(dict(result.skipped))}" if result.skipped else "")
+        + salvage_summary(result, opts.max_image_side)
     )
     return BuildReport(result.indexes, summary, {"package": package, "build": build})

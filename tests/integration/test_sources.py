@@ -294,13 +294,14 @@ def user_folder(tmp_path) -> Path:
 
 
 def test_folder_corrupt_image_names_the_file_and_the_fix(user_folder, tmp_path, capsys):
+    (user_folder / "cats/broken.txt").unlink()  # the broken picture is all its record has
     code = cli_main(
         ["data", "build", "--source", "folder", "--input", str(user_folder), "--out", str(tmp_path / "out")]
     )
     err = capsys.readouterr().err
     assert code == 2
     assert str(user_folder / "cats/broken.png") in err and "--skip-bad" in err and "does not decode" in err
-    assert not (tmp_path / "out" / "train" / "index.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mydata"]  # no out, no staging folder beside it
 
 
 def test_folder_builds_and_reads_back(user_folder, tmp_path, capsys):
@@ -319,16 +320,32 @@ def test_folder_builds_and_reads_back(user_folder, tmp_path, capsys):
         ]
     )
     summary = capsys.readouterr().out
-    assert code == 0 and "9 records" in summary and "bad_image 1" in summary
+    assert code == 0 and "9 records" in summary and "image bad_image 1" in summary
     index = read_index(out / "train")
     assert index["classes"] == ["cats", "dogs"] and index["num_classes"] == 2
-    assert index["build"]["skipped"] == {"bad_image": 1, "no_modality": 1}
+    assert index["build"]["skipped"] == {"no_modality": 1}
+    # broken.png does not decode: its record keeps the caption, the image absent and counted
+    assert index["build"]["dropped"] == {"image": {"bad_image": 1}}
     # quiet.txt (its record keeps the image) and blank.txt (its record, left empty, is skipped)
     assert index["build"]["counters"] == {"empty_captions": 2} and index["build"]["ignored_files"] == 2
-    assert index["pattern_counts"] == {"image": 2, "image+text": 2, "image+text+audio": 1, "text+audio": 1, "audio": 1}
+    assert index["pattern_counts"] == {
+        "image": 2,
+        "image+text": 2,
+        "image+text+audio": 1,
+        "text+audio": 1,
+        "audio": 1,
+        "text": 1,
+    }
     assert read_index(out / "val")["num_samples"] == 0 == read_index(out / "test")["num_samples"]
     metas = {raw["__key__"]: (raw, meta) for raw, meta in shard_samples(out / "train")}
-    assert set(metas) == {"dogs_dog1", "dogs_dog2", "cats_cat1", "cats_cat2", "cats_cat3", "cats_quiet", "top"}
+    assert set(metas) == {
+        *("dogs_dog1", "dogs_dog2", "cats_cat1", "cats_cat2", "cats_cat3", "cats_quiet", "cats_broken", "top")
+    }
+    raw, meta = metas["cats_broken"]
+    assert raw["txt"] == b"a broken picture" and "png" not in raw and meta["image_absent"] == "bad_image"
+    assert [(d["modality"], d["file"], d["reason"]) for d in meta["dropped"]] == [
+        ("image", "cats/broken.png", "bad_image")
+    ]
     raw, meta = metas["cats_cat2"]
     assert [(t["name"], t["sample_rate"]) for t in meta["audio_tracks"]] == [
         ("audio0.flac", 16000),
@@ -376,7 +393,7 @@ GOOD_LINES = [
     [
         ('{"image": "img/a.png", "caption": "x"', "not JSON"),
         ('{"image": "img/missing.png"}', "does not exist"),
-        ('{"image": "img/bad.png", "caption": "x"}', "image does not decode"),
+        ('{"image": "img/bad.png"}', "image does not decode"),  # nothing else in the record
         ('{"imgae": "img/a.png"}', "unknown field(s) imgae"),
     ],
 )
@@ -399,9 +416,10 @@ def test_jsonl_builds_and_reads_back(manifest_files, tmp_path):
     )
     index = read_index(out / "train")
     assert index["classes"] == ["circle", "square"]
-    assert index["build"]["skipped"] == {"bad_image": 1, "bad_line": 1, "no_modality": 1}
+    assert index["build"]["skipped"] == {"bad_line": 1, "no_modality": 1}
+    assert index["build"]["dropped"] == {"image": {"bad_image": 1}}  # its caption "x" is kept
     assert index["build"]["counters"] == {"empty_captions": 2}
-    assert index["pattern_counts"] == {"image+text+audio": 1, "text": 1, "image+audio": 1, "image+text": 1, "audio": 1}
+    assert index["pattern_counts"] == {"image+text+audio": 1, "text": 2, "image+audio": 1, "image+text": 1, "audio": 1}
     assert "skipped" in report.summary
     metas = {raw["__key__"]: meta for raw, meta in shard_samples(out / "train")}
     assert {"img_a_png", "img_a_png-1"} <= set(metas)  # one image, two captions: two records, one group
@@ -467,3 +485,108 @@ def test_synthetic_missing_rates_from_the_command_line(tmp_path, capsys):
         == 2
     )
     assert "--missing '0,1.5,0'" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- files that do not decode, oversized pictures
+
+
+def test_jsonl_corrupt_image_keeps_caption_and_audio(manifest_files, tmp_path):
+    base = manifest_files / "data"
+    (base / "snd/bad.ogg").write_bytes(b"OggS but nothing after")
+    line = {"image": "img/bad.png", "caption": "a dog barking", "audio": ["snd/a.wav", "snd/bad.ogg"], "label": "dog"}
+    manifest = _manifest(manifest_files, [GOOD_LINES[0], json.dumps(line)])
+    out = tmp_path / "out"
+    # no --skip-bad: the record is not bad, it has a caption and a good track left
+    report = SOURCES["jsonl"](BuildOptions(out=out, input=manifest, split_fractions=(1.0, 0.0, 0.0), progress=False))
+    metas = {raw["__key__"]: (raw, meta) for raw, meta in shard_samples(out / "train")}
+    raw, meta = metas["img_bad_png"]
+    assert meta["modalities"] == ["text", "audio"] and raw["txt"] == b"a dog barking" and "png" not in raw
+    assert meta["image_absent"] == "bad_image" and "audio_absent" not in meta
+    assert [t["file"] for t in meta["audio_tracks"]] == ["snd/a.wav"] and "audio0.wav" in raw
+    assert [(d["modality"], d["file"], d["reason"]) for d in meta["dropped"]] == [
+        ("image", "img/bad.png", "bad_image"),
+        ("audio", "snd/bad.ogg", "bad_audio"),
+    ]
+    assert "does not decode" in meta["dropped"][0]["error"] and "--skip-bad" not in meta["dropped"][0]["error"]
+    build = read_index(out / "train")["build"]
+    assert build["dropped"] == {"audio": {"bad_audio": 1}, "image": {"bad_image": 1}} and build["skipped"] == {}
+    assert "dropped files (their records kept the rest): audio bad_audio 1, image bad_image 1" in report.summary
+    assert "dropped" not in metas["img_a_png"][1] and "image_absent" not in metas["img_a_png"][1]
+    rows, bad = read_back(out)
+    assert bad.count == 0 and rows["img_bad_png"][0] == (False, True, True)
+
+
+def test_folder_record_with_only_broken_files_is_still_bad(tmp_path):
+    root = tmp_path / "mydata"
+    _png(root / "ok.png")
+    (root / "gone.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    (root / "gone.wav").write_bytes(b"RIFF broken")
+    with pytest.raises(SourceError, match="gone.png: image does not decode.*and 1 more file"):
+        SOURCES["folder"](BuildOptions(out=tmp_path / "out", input=root, progress=False))
+    report = SOURCES["folder"](BuildOptions(out=tmp_path / "out", input=root, progress=False, skip_bad=True))
+    assert read_index(tmp_path / "out" / "train")["build"]["skipped"] == {"bad_image": 1}
+    assert "dropped" not in read_index(tmp_path / "out" / "train")["build"] and "dropped" not in report.summary
+
+
+@pytest.fixture(scope="module")
+def huge_png(tmp_path_factory) -> Path:
+    """12000 x 12000 of one grey: 144 MP, over Pillow's 89 MP warning limit, a few hundred bytes as PNG."""
+    path = tmp_path_factory.mktemp("huge") / "img" / "poster.png"
+    path.parent.mkdir()
+    Image.new("L", (12000, 12000), 128).save(path)
+    return path
+
+
+def test_huge_png_is_downscaled_and_kept_without_a_warning(huge_png, tmp_path):
+    import warnings
+
+    limit = Image.MAX_IMAGE_PIXELS
+    with pytest.warns(Image.DecompressionBombWarning):  # what a plain open does, once per file
+        Image.open(huge_png).close()
+    manifest = huge_png.parent.parent / "manifest.jsonl"
+    manifest.write_text(json.dumps({"image": "img/poster.png", "caption": "a grey poster"}) + "\n")
+    out = tmp_path / "out"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning fails the build
+        report = SOURCES["jsonl"](
+            BuildOptions(out=out, input=manifest, split_fractions=(1.0, 0.0, 0.0), progress=False)
+        )
+    assert limit == Image.MAX_IMAGE_PIXELS  # Pillow's setting is left as it was
+    ((raw, meta),) = list(shard_samples(out / "train"))
+    with Image.open(io.BytesIO(raw["png"])) as img:
+        assert img.size == (4096, 4096) and img.getextrema() == (128, 128)
+    assert meta["image"]["original_size"] == [12000, 12000] and meta["image"]["width"] == 4096
+    assert meta["modalities"] == ["image", "text"]
+    assert read_index(out / "train")["build"]["images_downscaled"] == {"count": 1, "max_side": 4096}
+    assert "images downscaled to a longest side of 4096: 1" in report.summary
+
+
+def test_large_jpeg_is_drafted_down_and_a_picture_over_the_pixel_limit_is_refused(tmp_path):
+    base = tmp_path / "data"
+    base.mkdir()
+    Image.new("RGB", (3000, 2000), (0, 90, 200)).save(base / "wide.jpg", quality=90)
+    Image.new("RGB", (1500, 1000), (0, 90, 200)).save(base / "big.png")
+    lines = [
+        {"image": "wide.jpg", "caption": "a wide blue photo"},
+        {"image": "big.png", "caption": "too many pixels for this build"},
+    ]
+    manifest = _manifest(tmp_path, [json.dumps(line) for line in lines])
+    out = tmp_path / "out"
+    opts = BuildOptions(
+        out=out,
+        input=manifest,
+        split_fractions=(1.0, 0.0, 0.0),
+        progress=False,
+        max_image_side=500,
+        max_image_pixels=1_000_000,  # wide.jpg decodes at 1/4 scale (750 x 500): under it; big.png is not
+    )
+    report = SOURCES["jsonl"](opts)
+    metas = {raw["__key__"]: (raw, meta) for raw, meta in shard_samples(out / "train")}
+    raw, meta = metas["wide_jpg"]
+    with Image.open(io.BytesIO(raw["jpg"])) as img:
+        assert img.size == (500, 333) and img.format == "JPEG"
+    assert meta["image"]["original_size"] == [3000, 2000]
+    raw, meta = metas["big_png"]
+    assert meta["modalities"] == ["text"] and meta["image_absent"] == "image_too_large"
+    assert "1500 x 1000 pixels" in meta["dropped"][0]["error"]
+    assert "image image_too_large 1" in report.summary
