@@ -150,13 +150,11 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
         print(f"calmrl: training diverged: {exc}", file=sys.stderr)
         return EXIT_DIVERGED
     except Exception as exc:
-        if _is_collective_timeout(exc):
-            print(
-                f"calmrl: rank {rank()}: a collective waited over train.collective_timeout_s="
-                f"{cfg.train.collective_timeout_s:g} s at step {trainer.step + 1}: a peer rank died or stalled "
-                f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})",
-                file=sys.stderr,
-            )
+        peer = _peer_failure(exc)
+        if peer:
+            behind = trainer.guard.laggards() or "a peer rank died or stalled"
+            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            print(f"calmrl: rank {rank()}: {peer} at step {trainer.step + 1}: {behind} ({first})", file=sys.stderr)
         raise
     if trainer.stopped_by:
         checkpoint = trainer.last_good_checkpoint()
@@ -177,10 +175,15 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
-def _is_collective_timeout(exc: BaseException) -> bool:
-    """gloo and NCCL report a collective that waited past the process group's timeout."""
-    text = str(exc)
-    return "Timed out" in text or "timed out" in text or "Timeout" in type(exc).__name__
+def _peer_failure(exc: BaseException) -> str:
+    """What a collective's error says of the peers ('' for any other error): gloo and NCCL
+    report a wait past the process group's timeout, or a connection a dead peer closed."""
+    text = f"{type(exc).__name__}: {exc}"
+    if "Timed out" in text or "timed out" in text or "Timeout" in type(exc).__name__:
+        return "a collective waited past train.collective_timeout_s"
+    if "Connection closed by peer" in text or "Connection reset by peer" in text:
+        return "a peer rank closed its connection"
+    return ""
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

@@ -32,7 +32,9 @@ entries are not decoded, and evaluation (`iterate_split`) sees every one.
 
 from __future__ import annotations
 
+import atexit
 import random
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -260,6 +262,24 @@ class BatchLoader:
             collate_fn=keep_as_is,
         )
         self._iter: Iterator[dict[str, Any]] | None = None
+        _OPEN_LOADERS.add(self)
+
+    def close(self) -> None:
+        """Stop the loader's workers now: shut down as torch does, then SIGKILL any worker
+        still alive. Needed because workers ignore stop signals (data_pipeline/wire.py), so
+        Python's exit, which terminates and then joins daemon children, would wait on
+        them forever. Called at the end of `Trainer.fit` and at exit."""
+        it, self._iter = self._iter, None
+        if it is None:
+            return
+        workers = list(getattr(it, "_workers", []))
+        shutdown = getattr(it, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+        for worker in workers:
+            if worker.is_alive():
+                worker.kill()
+                worker.join(timeout=5)
 
     def __iter__(self) -> BatchLoader:
         return self
@@ -279,6 +299,15 @@ class BatchLoader:
             self.state.carry.pop(role, None)
         self.state.batches += 1
         return batch
+
+
+_OPEN_LOADERS: weakref.WeakSet[BatchLoader] = weakref.WeakSet()
+
+
+@atexit.register  # registered after multiprocessing's own exit hook, so it runs before it
+def _close_open_loaders() -> None:
+    for loader in list(_OPEN_LOADERS):
+        loader.close()
 
 
 def iterate_split(

@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 import signal
 import threading
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from types import FrameType
@@ -34,11 +35,14 @@ import torch
 import torch.distributed as dist
 
 from pretrain.config import TrainConfig
-from pretrain.distributed import is_distributed, world_size
+from pretrain.distributed import is_distributed, rank, world_size
 
 EXIT_PREEMPTED = 75  # sysexits' EX_TEMPFAIL: stopped on a signal after a checkpoint; rerun to continue
 EXIT_DIVERGED = 3  # stopped after train.max_bad_steps skipped steps in a row
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+# A step's phases, in order, for heartbeats: waiting for its batch, forward/backward, the update.
+PHASES = ("waiting for data", "forward and backward", "update")
+ALIVE_EVERY_S = 2.0
 
 
 class Diverged(RuntimeError):
@@ -134,6 +138,18 @@ class StepGuard:
         self.bad_in_a_row = 0
         self.skipped_total = 0
         self._hooks = [p.register_hook(self._check_grad) for p in params if p.requires_grad]
+        self.store = _default_store() if is_distributed() and world_size() > 1 else None
+        self._alive = threading.Event()
+        if self.store is not None:  # "I am alive" every ALIVE_EVERY_S, also while blocked in a collective
+            threading.Thread(target=self._post_alive, name="calmrl-alive", daemon=True).start()
+
+    def _post_alive(self) -> None:
+        while not self._alive.wait(ALIVE_EVERY_S):
+            try:
+                assert self.store is not None
+                self.store.set(f"calmrl/alive/{rank()}", repr(time.time()))
+            except Exception:  # the store went away (the job is ending)
+                return
 
     def _check_grad(self, grad: torch.Tensor) -> None:
         self.nonfinite |= ~torch.isfinite(grad).all()
@@ -144,8 +160,16 @@ class StepGuard:
         self.loss_sum += loss
         self.micro_steps += 1
 
-    def decide(self, stop_requested: bool, bad_samples: int, bad_shards: int = 0) -> Decision:
+    def beat(self, step: int, phase: str) -> None:
+        """This rank's heartbeat: the step and the phase of it it reached (`PHASES`), in the
+        job's key-value store (host only, no device sync), so that a rank left waiting in a
+        collective can name the peer that never arrived (`laggards`)."""
+        if self.store is not None:
+            self.store.set(f"calmrl/heartbeat/{rank()}", f"{step}:{PHASES.index(phase)}")
+
+    def decide(self, stop_requested: bool, bad_samples: int, bad_shards: int = 0, step: int = 0) -> Decision:
         """Collective: the all-reduce and the step's one host read."""
+        self.beat(step, "update")
         local = torch.stack(
             [
                 self.nonfinite.float(),
@@ -178,14 +202,65 @@ class StepGuard:
             apply=not reason, stop=stop > 0, loss=loss, bad_samples=int(bad), bad_shards=int(shards), reason=reason
         )
 
+    def laggards(self) -> str:
+        """After a collective failed: which ranks went silent (dead or stopped processes post
+        no "alive"; one blocked in a collective still does), else which are behind the
+        furthest heartbeat, as a sentence ('' when it cannot tell). Reads without waiting."""
+        if self.store is None:
+            return ""
+        beats: dict[int, tuple[int, int]] = {}
+        alive: dict[int, float] = {}
+        try:
+            for r in range(world_size()):
+                if self.store.check([f"calmrl/heartbeat/{r}"]):
+                    step, phase = bytes(self.store.get(f"calmrl/heartbeat/{r}")).decode().split(":")
+                    beats[r] = (int(step), int(phase))
+                if self.store.check([f"calmrl/alive/{r}"]):
+                    alive[r] = float(bytes(self.store.get(f"calmrl/alive/{r}")).decode())
+        except Exception:  # the store is gone too (the launcher ended): nothing to name
+            return ""
+
+        def where(r: int) -> str:
+            return f"step {beats[r][0]} ({PHASES[beats[r][1]]})" if r in beats else "no step yet"
+
+        now = time.time()
+        silent = [r for r in range(world_size()) if now - alive.get(r, 0.0) > 3 * ALIVE_EVERY_S]
+        if silent and len(silent) < world_size():
+            said = ", ".join(
+                f"rank {r} silent for {now - alive[r]:.0f} s at {where(r)}"
+                if r in alive
+                else f"rank {r} never reported"
+                for r in silent
+            )
+            return f"{said}: dead or stalled"
+        if not beats:
+            return ""
+        ahead = max(beats.values())
+        behind = [r for r in range(world_size()) if beats.get(r, (-1, 0)) < ahead]
+        if not behind:
+            return ""
+        said = ", ".join(f"rank {r} is at {where(r)}" for r in behind)
+        return f"{said} while others are further on: slow, or stuck outside a collective"
+
     @property
     def exhausted(self) -> bool:
         return bool(self.cfg.max_bad_steps) and self.bad_in_a_row >= self.cfg.max_bad_steps
 
     def close(self) -> None:
+        self._alive.set()
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
+
+
+def _default_store() -> Any:
+    """The process group's key-value store (torchrun's TCPStore), or None."""
+    try:
+        from torch.distributed.distributed_c10d import _get_default_store
+
+        return _get_default_store()
+    except Exception:  # a group made without a store (e.g. an external launcher's): no heartbeats
+        return None
 
 
 def all_finite(module: torch.nn.Module) -> bool:

@@ -68,7 +68,15 @@ def init_distributed(timeout_s: float | None = None) -> None:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    kwargs = {"timeout": timedelta(seconds=timeout_s)} if timeout_s else {}
+    kwargs = {}
+    if timeout_s:
+        kwargs["timeout"] = timedelta(seconds=timeout_s)
+        # Groups made later (DeepSpeed's data-parallel clone of the world group, for one) take
+        # torch's module default, not the world group's timeout: 30 min on gloo, whatever the
+        # job asked. Point the default at the job's bound so every group honours it.
+        import torch.distributed.distributed_c10d as c10d
+
+        c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = kwargs["timeout"]
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, **kwargs)
 
 

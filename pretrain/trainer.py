@@ -203,7 +203,9 @@ class Trainer:
         decision: Decision | None = None
         for micro in range(cfg.train.grad_accum):
             t0 = time.perf_counter()
+            self.guard.beat(step, "waiting for data")
             batch = next(self.batches)
+            self.guard.beat(step, "forward and backward")
             data_wait += time.perf_counter() - t0
             # Host-side counts from the loader's CPU mask (numpy(): host memory only, never a
             # device read). Batches given on a device have their mask copied back: a sync.
@@ -220,7 +222,7 @@ class Trainer:
             self.guard.observe_loss(losses["loss"])
             self.engine.backward(losses["loss"])
             if micro == cfg.train.grad_accum - 1:  # before the update: every rank decides alike
-                decision = self.guard.decide(self.stop_request.requested, *self._local_bad_counts())
+                decision = self.guard.decide(self.stop_request.requested, *self._local_bad_counts(), step=step)
                 self.optimizer.skip = not decision.apply
                 if not decision.apply:  # a skipped step is always in the log
                     logged = read = True
@@ -332,6 +334,8 @@ class Trainer:
                     break
             self.save()
         finally:
+            if isinstance(self.batches, BatchLoader):
+                self.batches.close()  # its workers ignore stop signals: end them here
             if installed_here:
                 self.stop_request.restore()
             for sink in self.sinks:
