@@ -127,6 +127,7 @@ class K8sOptions:
         metrics_port: int = DEFAULT_METRICS_PORT,
         pvc: str | None = None,
         max_restarts: int = 3,
+        grace_s: int = 120,
     ):
         self.name = check_name(name)
         self.namespace = _check_dns(namespace, "--namespace", _DNS1123_LABEL, 63)
@@ -147,6 +148,9 @@ class K8sOptions:
         self.metrics_port = metrics_port
         self.pvc = _check_dns(pvc, "--pvc", _DNS1123_SUBDOMAIN, 253) if pvc is not None else None
         self.max_restarts = max_restarts
+        if grace_s < 1:
+            raise K8sError(f"train.preempt_grace_s must be >= 1 (got {grace_s})")
+        self.grace_s = grace_s  # time the ranks get to finish their step and save after SIGTERM
 
     @property
     def procs_per_pod(self) -> int:
@@ -248,6 +252,9 @@ def torchrun_command(opts: K8sOptions) -> list[str]:
     (`elasticPolicy.nProcPerNode` or the newer `spec.nprocPerNode`) the
     installed operator version honours."""
     cmd = ["torchrun", f"--nproc-per-node={opts.procs_per_pod}"]
+    # Pod deletion or eviction: torchrun passes SIGTERM to the ranks, which finish the step and
+    # save (pretrain/guard.py); it waits grace_s for them before it kills.
+    cmd += ["--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", f"--shutdown-timeout={opts.grace_s}"]
     if opts.workers == 1:
         cmd += ["--standalone", "--nnodes=1"]
     # --resume auto: an elastic or OnFailure restart continues from the last checkpoint
@@ -275,7 +282,13 @@ def pytorch_pod_template(opts: K8sOptions, role: str) -> dict[str, Any]:
             "labels": {**labels(opts, role.lower()), "calmrl/role": role.lower()},
             "annotations": scrape_annotations(opts.metrics_port),
         },
-        "spec": {"containers": [container], "volumes": vols, "restartPolicy": "OnFailure"},
+        "spec": {
+            "containers": [container],
+            "volumes": vols,
+            "restartPolicy": "OnFailure",
+            # SIGTERM, then this long before SIGKILL: the step, the save, and torchrun's own exit
+            "terminationGracePeriodSeconds": opts.grace_s + 30,
+        },
     }
 
 
@@ -489,6 +502,7 @@ def options_from_args(args: argparse.Namespace, cfg: Config) -> K8sOptions:
         shm_size=args.shm_size,
         metrics_port=port,
         pvc=args.pvc,
+        grace_s=cfg.train.preempt_grace_s,
     )
 
 

@@ -73,7 +73,9 @@ class SlurmJob:
     time: str | None = None
     cpus_per_task: int | None = None
     master_port: int | None = None
-    resume: str | None = None
+    resume: str | None = "auto"  # a requeued job continues from its last checkpoint
+    grace_s: int = 120  # train.preempt_grace_s: USR1 this long before the time limit; torchrun's shutdown wait
+    out_dir: Path | None = None  # the run folder (its stopped.json asks for a requeue)
     extra_env: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -84,7 +86,7 @@ class SlurmJob:
         """`cluster.cli` arguments each rank runs: train CONFIG OVERRIDES --metrics.port=P [--resume TAG]."""
         kept = [o for o in self.overrides if not o.startswith("--metrics.port=")]
         args = ["train", str(self.config), *kept, f"--metrics.port={self.metrics_port}"]
-        if self.resume:
+        if self.resume and self.resume != "none":
             args += ["--resume", self.resume]
         return args
 
@@ -108,6 +110,10 @@ def render_sbatch(job: SlurmJob, command_line: str | None = None) -> str:
     sb += [
         f"--output={job.output}",
         f"--chdir={job.workdir}",
+        # Preemption and time limits: USR1 reaches every task (torchrun, which passes it to the
+        # ranks) grace_s before the end; the ranks save after their step, and the script requeues.
+        "--requeue",
+        f"--signal=USR1@{job.grace_s}",
         # Slurm's default, stated: the job needs this environment (TORCH_EXTENSIONS_DIR, AWS_*, PATH).
         "--export=ALL",
     ]
@@ -132,6 +138,8 @@ def render_sbatch(job: SlurmJob, command_line: str | None = None) -> str:
         '--rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT"',
         '--rdzv-id "$SLURM_JOB_ID"',
         "--max-restarts 0",
+        "--signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
+        f"--shutdown-timeout {job.grace_s}",
     ]
     train = ["-m", "cluster.cli", *(_q(a) for a in job.train_args())]
     mode = f"{job.gpus_per_node} GPU(s) per node" if not cpu else f"CPU only, {job.nproc_per_node} process(es) per node"
@@ -174,11 +182,21 @@ def render_sbatch(job: SlurmJob, command_line: str | None = None) -> str:
         " $NPROC_PER_NODE rank(s) per node, rendezvous $MASTER_ADDR:$MASTER_PORT,"
         f' metrics on port {job.metrics_port} + local rank"',
         "",
+        f"STOPPED={_q((job.out_dir or job.workdir) / 'stopped.json')}  # a signal stopped the run after a checkpoint",
+        'rm -f "$STOPPED"',
+        "code=0",
         " ".join(srun) + " \\",
         "    " + " ".join(torchrun[:3]) + " \\",
         "    " + " ".join(torchrun[3:5]) + " \\",
-        "    " + " ".join(torchrun[5:]) + " \\",
-        "    " + " ".join(train),
+        "    " + " ".join(torchrun[5:9]) + " \\",
+        "    " + " ".join(torchrun[9:]) + " \\",
+        "    " + " ".join(train) + " || code=$?",
+        'if [ -f "$STOPPED" ]; then',
+        '    echo "calmrl: stopped with a checkpoint ($(cat "$STOPPED")); requeueing job $SLURM_JOB_ID"',
+        '    scontrol requeue "$SLURM_JOB_ID"',
+        "    exit 0",
+        "fi",
+        'exit "$code"',
         "",
     ]
     return "\n".join(lines)
@@ -255,7 +273,12 @@ def add_slurm_parser(launch_subparsers: argparse._SubParsersAction) -> argparse.
         default=None,
         help=f"rendezvous port (default {MASTER_PORT_BASE} + job id %% {MASTER_PORT_SPAN})",
     )
-    p.add_argument("--resume", default=None, help="'latest' or a checkpoint folder name, passed to train")
+    p.add_argument(
+        "--resume",
+        default="auto",
+        help="passed to train: 'auto' (default: the run's last checkpoint if it has one, so a "
+        "requeued job continues), 'latest', a checkpoint folder name, or 'none' to always start fresh",
+    )
     p.add_argument("--dry-run", action="store_true", help="write and print the script, submit nothing")
     return p
 
@@ -312,6 +335,8 @@ def build_job(args: argparse.Namespace, overrides: list[str], cfg) -> SlurmJob:
         cpus_per_task=args.cpus_per_task,
         master_port=args.master_port,
         resume=args.resume,
+        grace_s=cfg.train.preempt_grace_s,
+        out_dir=out_dir,
     )
 
 

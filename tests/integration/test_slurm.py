@@ -83,6 +83,8 @@ def test_dry_run_renders_cpu_script(tmp_path, capsys, fake_sbatch, monkeypatch):
         "--time=00:30:00",
         f"--output={out_dir}/slurm/%x-%j.out",
         f"--chdir={REPO}",
+        "--requeue",
+        "--signal=USR1@120",
         "--export=ALL",
     ]
     assert not any("gpus" in s or "gres" in s for s in sbatch_lines(script))  # CPU mode asks for no GPU
@@ -106,11 +108,14 @@ def test_dry_run_renders_cpu_script(tmp_path, capsys, fake_sbatch, monkeypatch):
         '--nproc-per-node "$NPROC_PER_NODE"',
     ):
         assert arg in joined, arg
-    train = joined[joined.index("-m cluster.cli") :]
+    for arg in ("--signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", "--shutdown-timeout 120"):
+        assert arg in joined, arg  # preemption: torchrun passes USR1 on and waits for the save
+    train = joined[joined.index("-m cluster.cli") : joined.index(" || code=$?")]
     assert train == (
         f"-m cluster.cli train {TINY} --train.out_dir={out_dir} --data.batch_size=16 "
-        f"'--data.shards=my data/train' --metrics.port=9555"
+        f"'--data.shards=my data/train' --metrics.port=9555 --resume auto"
     )
+    assert 'scontrol requeue "$SLURM_JOB_ID"' in script  # after a stop with a checkpoint
 
     subprocess.run(["bash", "-n", str(path)], check=True)  # valid bash
     # The rendered command line, evaluated by bash, gives back the exact arguments.
@@ -123,6 +128,8 @@ def test_dry_run_renders_cpu_script(tmp_path, capsys, fake_sbatch, monkeypatch):
         "--data.batch_size=16",
         "--data.shards=my data/train",
         "--metrics.port=9555",
+        "--resume",
+        "auto",
     ]
 
 
@@ -139,7 +146,7 @@ def test_gpu_script_and_option_checks(tmp_path, capsys, monkeypatch):
     assert "NPROC_PER_NODE=8" in script and "MASTER_PORT=29400" in script
     assert "export DS_ACCELERATOR=cpu" not in script
     assert "--cpus-per-task=32 \\" in script  # srun does not inherit it from sbatch (Slurm >= 22.05)
-    assert script.rstrip().endswith("--metrics.port=9400 --resume latest")  # the config's port
+    assert "--metrics.port=9400 --resume latest || code=$?" in script  # the config's port
     assert (tmp_path / "run" / "slurm" / "job.sbatch").is_file()
 
     for bad, why in (

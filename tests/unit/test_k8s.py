@@ -250,6 +250,9 @@ def test_pytorchjob_is_valid(tmp_path, workers, gpus):
         cmd = container["command"]
         assert cmd[0] == "torchrun" and f"--nproc-per-node={max(gpus, 1)}" in cmd
         assert cmd[-6:] == ["--no-python", "calmrl", "train", CONFIG_PATH, "--resume", "auto"]
+        # Preemption: torchrun passes SIGTERM on and waits train.preempt_grace_s; the pod waits longer.
+        assert "--shutdown-timeout=120" in cmd and any(a.startswith("--signals-to-handle=") for a in cmd)
+        assert template["spec"]["terminationGracePeriodSeconds"] == 150
         limits, requests = container["resources"]["limits"], container["resources"]["requests"]
         assert requests == {"cpu": "6", "memory": "24Gi"}
         assert limits.get("nvidia.com/gpu") == (str(gpus) if gpus else None)
