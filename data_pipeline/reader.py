@@ -52,9 +52,10 @@ from data_pipeline.split import open_split
 from data_pipeline.tar_reading import BadInputLog, raw_samples
 from data_pipeline.wire import from_wire, init_loader_worker, keep_as_is, to_wire
 
-# A stream of another world size to finish first (resharded resume):
-# (old reader, old number of readers, epoch, samples already taken from it).
-CarryItem = tuple[int, int, int, int]
+# A stream of another world size to finish first (resharded resume): (old reader, old
+# number of readers, epoch, samples already taken from it, stride, phase): this reader
+# takes the stream's samples whose 1-based position p has p % stride == phase.
+CarryItem = tuple[int, int, int, int, int, int]
 
 
 @dataclass
@@ -97,7 +98,8 @@ class LoaderState:
             bad={int(k): int(v) for k, v in d.get("bad", {}).items()},
             bad_shards={int(k): int(v) for k, v in d.get("bad_shards", {}).items()},
             carry={
-                int(k): [(int(a), int(b), int(c), int(e)) for a, b, c, e in v] for k, v in d.get("carry", {}).items()
+                int(k): [(int(a), int(b), int(c), int(e), int(f), int(g)) for a, b, c, e, f, g in v]
+                for k, v in d.get("carry", {}).items()
             },
         )
 
@@ -108,12 +110,15 @@ def reshard_loader_state(
     """This rank's loader state for a resume on `world` ranks of a checkpoint written by
     `len(loaders)` ranks (their loader states, in rank order, `old_roles` roles each).
 
-    Every old reader's unfinished epoch is finished, in the old layout and order, by
-    one new reader (old readers dealt out in turn); a reader that was an epoch behind
-    the furthest one also plays its next epoch whole. Then every new reader starts its
-    own stream at the epoch after the furthest old one. So each sample of the epochs in
-    progress is seen exactly once. In resampled mode (shards drawn with replacement)
-    only the epoch carries over. Bad-sample counts carry over on rank 0."""
+    Every old reader's unfinished epoch is finished in the old layout and order: dealt
+    out whole to the new readers in turn when there are at least as many old streams as
+    new readers, else each stream is shared by all new readers (reader j takes every
+    R-th sample from the j-th; each reads the stream's raw bytes, decodes only its own).
+    A reader that was an epoch behind the furthest one also plays its next epoch whole.
+    Then every new reader starts its own stream at the epoch after the furthest old one.
+    So each sample of the epochs in progress is seen exactly once. In resampled mode
+    (shards drawn with replacement) only the epoch carries over. Bad-sample counts
+    carry over on rank 0."""
     positions: dict[int, tuple[int, int]] = {}
     total_bad = total_bad_shards = 0
     for old_rank, loader in enumerate(loaders):
@@ -129,16 +134,20 @@ def reshard_loader_state(
             positions[old_rank * old_roles + role] = state.roles.get(role, (0, 0))
     old_readers = len(loaders) * old_roles
     last = max(epoch for epoch, _ in positions.values())
-    items: list[CarryItem] = []
+    streams: list[tuple[int, int, int, int]] = []
     if not resampled:
         for reader in range(old_readers):
             epoch, offset = positions[reader]
-            items.append((reader, old_readers, epoch, offset))
-            items.extend((reader, old_readers, e, 0) for e in range(epoch + 1, last + 1))
+            streams.append((reader, old_readers, epoch, offset))
+            streams.extend((reader, old_readers, e, 0) for e in range(epoch + 1, last + 1))
     new = LoaderState(roles=dict.fromkeys(range(roles), (last + 1, 0)))
     readers = world * roles
     for role in range(roles):
-        mine = [item for i, item in enumerate(items) if i % readers == rank * roles + role]
+        me = rank * roles + role
+        if len(streams) >= readers:
+            mine = [(*item, 1, 0) for i, item in enumerate(streams) if i % readers == me]
+        else:
+            mine = [(*item, readers, (me + 1) % readers) for item in streams]
         if mine:
             new.carry[role] = mine
     if rank == 0:
@@ -208,10 +217,12 @@ class ShardStream(IterableDataset):
         pending: list[dict[str, Any]] = []
         # Position of a batch: (role, epoch, taken, bad samples, carry index, carry taken, bad
         # shards); carry index -1 once the carried streams are done (see LoaderState.carry).
-        for index, (old_reader, old_readers, c_epoch, c_offset) in enumerate(self.state.carry.get(role, [])):
+        for index, (old_reader, old_readers, c_epoch, c_offset, stride, phase) in enumerate(
+            self.state.carry.get(role, [])
+        ):
             for taken, raw in enumerate(self._epoch_samples(old_reader, c_epoch, bad, old_readers), start=1):
-                if taken <= c_offset:
-                    continue
+                if taken <= c_offset or taken % stride != phase:
+                    continue  # consumed before the checkpoint, or another new reader's share
                 try:
                     pending.append(decoder(raw, c_epoch))
                 except DataError as exc:
@@ -250,6 +261,7 @@ class BatchLoader:
         self.cfg = cfg
         self.state = LoaderState.from_dict(state.to_dict()) if state else LoaderState()
         self._carry = {role: list(items) for role, items in self.state.carry.items()}  # as the stream starts
+        self.in_carry = False
         # The stream gets its own copy: it reads where to start, we record where we are.
         self.dataset = ShardStream(cfg, rank, world_size, LoaderState.from_dict(self.state.to_dict()))
         self.loader = DataLoader(
@@ -292,9 +304,11 @@ class BatchLoader:
         self.state.roles[role] = (epoch, offset)
         self.state.bad[role] = bad
         self.state.bad_shards[role] = bad_shards
+        self.in_carry = carry_index >= 0  # this batch completed inside the old readers' streams
         if carry_index >= 0:  # still finishing old readers' streams: the rest of them, from here
             rest = self._carry[role][carry_index:]
-            self.state.carry[role] = [(*rest[0][:3], carry_taken), *rest[1:]]
+            first = rest[0]
+            self.state.carry[role] = [(first[0], first[1], first[2], carry_taken, first[4], first[5]), *rest[1:]]
         else:
             self.state.carry.pop(role, None)
         self.state.batches += 1

@@ -316,7 +316,7 @@ class Trainer:
                     sink.on_step(result)
                 if self.guard.exhausted:
                     raise Diverged(
-                        f"step {self.step} was the {self.guard.bad_in_a_row}th skipped step in a row "
+                        f"{self.guard.bad_in_a_row} steps in a row skipped, up to step {self.step} "
                         f"(train.max_bad_steps={cfg.train.max_bad_steps}): {result.skip_reason}. Nothing after the "
                         f"last good checkpoint was saved: {self.last_good_checkpoint()}; resume from it with a "
                         "lower train.lr (or a larger train.max_bad_steps)"
