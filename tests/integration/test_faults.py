@@ -82,47 +82,70 @@ def finish(proc: subprocess.Popen, run: Path, timeout: float) -> tuple[int, floa
     return code, time.monotonic() - t0
 
 
-def session(sid: int) -> list[str]:
-    """Processes still alive in session `sid` (launcher, torchrun, ranks, loader workers)."""
-    alive = []
+def _processes() -> dict[int, tuple[int, str]]:
+    """pid -> (parent pid, state) of every live process."""
+    out = {}
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
             fields = stat[stat.rindex(")") + 2 :].split()
-            if int(fields[3]) == sid and fields[0] != "Z":
-                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ")[:120]
-                alive.append(f"{entry.name} {cmdline!r}")
-        except (OSError, ValueError):
-            continue
-    return alive
+            out[int(entry.name)] = (int(fields[1]), fields[0])
+    return out
 
 
-def assert_no_orphans(sid: int) -> None:
+def tree(root: int) -> list[int]:
+    """`root` and its live descendants: launcher, torchrun, the ranks (torchrun starts each in a
+    session of its own, so a process group does not reach them) and their loader workers."""
+    procs = _processes()
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        if pid in procs and procs[pid][1] != "Z":
+            found.append(pid)
+        todo += [child for child, (parent, _) in procs.items() if parent == pid]
+    return found
+
+
+def assert_gone(pids: list[int]) -> None:
     deadline = time.monotonic() + 10
-    while session(sid) and time.monotonic() < deadline:
+    alive = pids
+    while time.monotonic() < deadline:
+        procs = _processes()
+        alive = [p for p in pids if p in procs and procs[p][1] != "Z"]
+        if not alive:
+            return
         time.sleep(0.2)
-    assert session(sid) == [], "processes outlived the job"
+    names = {p: (Path("/proc") / str(p) / "cmdline").read_bytes()[:100] for p in alive}
+    raise AssertionError(f"processes outlived the job: {names}")
 
 
-def rank_pid(sid: int, rank: int) -> int:
-    """The pid of training rank `rank` (a child of torchrun, not one of its loader workers)."""
-    procs = {}
-    for line in session(sid):
-        pid = int(line.split()[0])
-        try:
-            ppid = int((Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[1])
+def rank_pid(root: int, rank: int) -> int:
+    """The pid of training rank `rank`: a child of torchrun (not one of its loader workers)."""
+    procs = _processes()
+    pids = tree(root)
+    cmd = {p: (Path("/proc") / str(p) / "cmdline").read_bytes() for p in pids}
+    torchrun = [p for p in pids if b"torch.distributed.run" in cmd[p]]
+    assert torchrun, "no torchrun under the launcher"
+    for pid in pids:
+        if procs[pid][0] == torchrun[0]:
             env = (Path("/proc") / str(pid) / "environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        procs[pid] = (ppid, env, line)
-    torchrun = [pid for pid, (_, _, line) in procs.items() if "torch.distributed.run" in line]
-    assert torchrun, f"no torchrun in the job: {session(sid)}"
-    for pid, (ppid, env, _) in procs.items():
-        if ppid == torchrun[0] and f"RANK={rank}".encode() in env:
-            return pid
+            if f"RANK={rank}".encode() in env:
+                return pid
     raise AssertionError(f"no rank {rank} under torchrun {torchrun[0]}")
+
+
+def job_processes(root: int, ranks: int = 2) -> list[int]:
+    """The job's processes once every rank runs with its loader worker."""
+    deadline = time.monotonic() + 30
+    pids = tree(root)
+    while len(pids) < 2 + 2 * ranks and time.monotonic() < deadline:
+        time.sleep(0.2)
+        pids = tree(root)
+    assert len(pids) >= 2 + 2 * ranks, f"expected launcher, torchrun, {ranks} ranks and their workers: {pids}"
+    return pids
 
 
 def losses(run: Path) -> dict[int, float]:
@@ -136,6 +159,7 @@ def test_sigterm_saves_the_step_leaves_no_process_and_resume_continues_exactly(s
     a = tmp_path / "a"
     proc = start(split, a)
     wait_for_step(proc, a, 3)
+    pids = job_processes(proc.pid)
     proc.send_signal(signal.SIGTERM)
     code, waited = finish(proc, a, timeout=120)
     out, err = output(a)
@@ -146,18 +170,20 @@ def test_sigterm_saves_the_step_leaves_no_process_and_resume_continues_exactly(s
     assert (a / "checkpoints" / "latest").read_text() == f"step_{n:08d}"  # the step it was on: nothing lost
     assert max(losses(a)) == n
     assert f"stopped by SIGTERM after step {n}" in err and "--resume auto" in err
-    assert_no_orphans(proc.pid)
+    assert_gone(pids)
 
-    # 2. SIGTERM to the whole process group (what `scancel` does), past step n + 2
+    # 2. SIGTERM to every process of the job at once (what `scancel` does), past step n + 2
     b = tmp_path / "b"
     proc = start(split, b)
     wait_for_step(proc, b, n + 2)
-    os.killpg(proc.pid, signal.SIGTERM)
+    pids = job_processes(proc.pid)
+    for pid in pids:
+        os.kill(pid, signal.SIGTERM)
     code, _ = finish(proc, b, timeout=120)
     assert code == EXIT_PREEMPTED, output(b)[1][-3000:]
     m = json.loads((b / "stopped.json").read_text())["step"]
     assert m >= n + 2 and (b / "checkpoints" / f"step_{m:08d}").is_dir()
-    assert_no_orphans(proc.pid)
+    assert_gone(pids)
 
     # 3. The first run, resumed, continues exactly where the uninterrupted second one went
     resumed = run_cli(*_args(split, a, "--resume", "auto", f"--train.stop_at={n + 2}", "--nproc", "2"))
@@ -191,7 +217,6 @@ def test_a_diverging_run_stops_and_never_saves_a_non_finite_model(synthetic_dir,
     assert len(skipped) >= 3 and all(not math.isfinite(r["loss"]) for r in skipped[-3:])
     _, state = RunDir(run).model_state()
     assert all(torch.isfinite(t).all() for t in state.values()), "a non-finite model was saved"
-    assert_no_orphans(proc.pid)
 
 
 @pytest.mark.timeout(600)
@@ -199,13 +224,14 @@ def test_kill_9_of_a_rank_ends_the_job_and_its_loader_workers(synthetic_dir, tmp
     run = tmp_path / "k9"
     proc = start(synthetic_dir / "train", run, "--train.collective_timeout_s=20", "--train.preempt_grace_s=10")
     wait_for_step(proc, run, 3)
+    pids = job_processes(proc.pid)
     os.kill(rank_pid(proc.pid, 1), signal.SIGKILL)
     code, waited = finish(proc, run, timeout=20 + 10 + 30)
     _, err = output(run)
     assert code != 0
     assert "training failed: rank 1 first (exit code -9 (SIGKILL))" in err, err[-3000:]
     assert "full logs in" in err and len(err.strip().splitlines()) < 40  # a summary, not every rank's traceback
-    assert_no_orphans(proc.pid)
+    assert_gone(pids)  # the loader workers of both ranks included
 
 
 @pytest.mark.timeout(600)
@@ -213,6 +239,7 @@ def test_a_stopped_rank_ends_the_job_within_the_collective_timeout_and_is_named(
     run = tmp_path / "stop"
     proc = start(synthetic_dir / "train", run, "--train.collective_timeout_s=10", "--train.preempt_grace_s=10")
     wait_for_step(proc, run, 3)
+    pids = job_processes(proc.pid)
     stopped = rank_pid(proc.pid, 1)
     os.kill(stopped, signal.SIGSTOP)
     try:
@@ -225,7 +252,7 @@ def test_a_stopped_rank_ends_the_job_within_the_collective_timeout_and_is_named(
     assert code != 0
     assert "a collective waited past train.collective_timeout_s" in err, err[-3000:]
     assert "rank 1 silent for" in err and "dead or stalled" in err
-    assert_no_orphans(proc.pid)
+    assert_gone(pids)
 
 
 @pytest.mark.timeout(900)
