@@ -467,6 +467,17 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"calmrl: config error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:
+        # A store that does not answer, a split that is not there, a damaged checkpoint: the
+        # message names the URL or file and the fix; the traceback adds nothing for a user.
+        from data_pipeline.errors import DataError
+        from data_pipeline.storage import StorageError
+        from pretrain.checkpoint import CheckpointError
+
+        if "RANK" in os.environ or not isinstance(exc, StorageError | DataError | CheckpointError):
+            raise  # in a rank, the launcher's summary reports it, with the trace in the rank's log
+        print(f"calmrl: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

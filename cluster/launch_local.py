@@ -63,7 +63,8 @@ def _last_error(stderr_log: Path) -> str:
     """The last exception line of a rank's stderr (`Type: message`), else its last line."""
     if not stderr_log.is_file():
         return ""
-    lines = [line.strip() for line in stderr_log.read_text(errors="replace").splitlines() if line.strip()]
+    text = stderr_log.read_text(errors="replace")
+    lines = [re.sub(r"^\[rank\d+\]:\s?", "", line).strip() for line in text.splitlines() if line.strip()]
     for line in reversed(lines):
         if re.match(r"^(calmrl: |[\w.]+(Error|Exception|Diverged|Interrupt)\b)", line):
             return line
@@ -135,7 +136,8 @@ class _Echo:
         if line.startswith(PROGRESS_PREFIX):
             self.progress.update(line[len(PROGRESS_PREFIX) :])
             return
-        if line.startswith("Traceback (most recent call last)"):
+        # torch prefixes a rank's uncaught traceback with "[rank0]: "
+        if re.sub(r"^\[rank\d+\]:\s?", "", line).startswith("Traceback (most recent call last)"):
             self.in_traceback = True
         if self.in_traceback:
             return  # the rank's stderr.log keeps it; the summary names the error

@@ -110,44 +110,44 @@ def reshard_loader_state(
     """This rank's loader state for a resume on `world` ranks of a checkpoint written by
     `len(loaders)` ranks (their loader states, in rank order, `old_roles` roles each).
 
-    Every old reader's unfinished epoch is finished in the old layout and order: dealt
-    out whole to the new readers in turn when there are at least as many old streams as
-    new readers, else each stream is shared by all new readers (reader j takes every
-    R-th sample from the j-th; each reads the stream's raw bytes, decodes only its own).
-    A reader that was an epoch behind the furthest one also plays its next epoch whole.
-    Then every new reader starts its own stream at the epoch after the furthest old one.
-    So each sample of the epochs in progress is seen exactly once. In resampled mode
+    What every old reader had left is finished in its old layout and order: the
+    streams it still carried from an earlier reshard, the rest of its current
+    epoch, and, for a reader behind the furthest epoch any reader has begun, its
+    epochs up to that one whole. Those streams are dealt out whole to the new readers in turn when
+    there are at least as many as new readers; else each is shared by all new
+    readers (reader j takes every R-th of its samples; each reads the stream's raw
+    bytes, decodes only its own share). Then every new reader starts its own
+    stream at the epoch after the furthest old one. So each sample of the epochs in
+    progress is seen exactly once, over any chain of reshards. In resampled mode
     (shards drawn with replacement) only the epoch carries over. Bad-sample counts
     carry over on rank 0."""
     positions: dict[int, tuple[int, int]] = {}
+    carried: list[CarryItem] = []
     total_bad = total_bad_shards = 0
     for old_rank, loader in enumerate(loaders):
         state = LoaderState.from_dict(loader)
-        if state.carry:
-            raise ValueError(
-                "this checkpoint was itself resumed on another number of ranks and had not finished "
-                "the old readers' epoch; resume it on its own number of ranks first"
-            )
         total_bad += state.bad_samples
         total_bad_shards += state.bad_shard_count
         for role in range(old_roles):
             positions[old_rank * old_roles + role] = state.roles.get(role, (0, 0))
+            carried += state.carry.get(role, [])
     old_readers = len(loaders) * old_roles
-    last = max(epoch for epoch, _ in positions.values())
-    streams: list[tuple[int, int, int, int]] = []
+    # The furthest epoch any old reader has begun (an untouched epoch at offset 0 is not begun).
+    last = max(epoch if offset > 0 else epoch - 1 for epoch, offset in positions.values())
+    streams: list[CarryItem] = []
     if not resampled:
+        streams += carried
         for reader in range(old_readers):
             epoch, offset = positions[reader]
-            streams.append((reader, old_readers, epoch, offset))
-            streams.extend((reader, old_readers, e, 0) for e in range(epoch + 1, last + 1))
+            streams.extend((reader, old_readers, e, offset if e == epoch else 0, 1, 0) for e in range(epoch, last + 1))
     new = LoaderState(roles=dict.fromkeys(range(roles), (last + 1, 0)))
     readers = world * roles
     for role in range(roles):
         me = rank * roles + role
         if len(streams) >= readers:
-            mine = [(*item, 1, 0) for i, item in enumerate(streams) if i % readers == me]
-        else:
-            mine = [(*item, readers, (me + 1) % readers) for item in streams]
+            mine = [item for i, item in enumerate(streams) if i % readers == me]
+        else:  # share each: of the positions p = phase (mod stride), the me-th of every `readers`
+            mine = [(*item[:4], item[4] * readers, (item[5] + item[4] * me) % (item[4] * readers)) for item in streams]
         if mine:
             new.carry[role] = mine
     if rank == 0:

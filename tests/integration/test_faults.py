@@ -230,7 +230,8 @@ def test_kill_9_of_a_rank_ends_the_job_and_its_loader_workers(synthetic_dir, tmp
     _, err = output(run)
     assert code != 0
     assert "training failed: rank 1 first (exit code -9 (SIGKILL))" in err, err[-3000:]
-    assert "full logs in" in err and len(err.strip().splitlines()) < 40  # a summary, not every rank's traceback
+    said = [line for line in err.splitlines() if line.strip() and not line.startswith("train:")]  # not the bar
+    assert "full logs in" in err and len(said) < 15, said  # a summary, not every rank's traceback
     assert_gone(pids)  # the loader workers of both ranks included
 
 
