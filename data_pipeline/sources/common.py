@@ -262,6 +262,22 @@ class Dropped:
             self.errors.append(bad)
             return None
 
+    def image(
+        self, path: Path, file: str, origin: str, opts: BuildOptions
+    ) -> tuple[tuple[str, bytes], dict[str, Any]] | None:
+        """A picture read and checked (`check_image`), as ((ext, bytes), info); None, recorded
+        here as dropped, when it does not decode. `file` is its name in the metadata,
+        `origin` in error messages."""
+        checked = self.attempt(
+            "image",
+            file,
+            lambda: check_image(read_file(path, file), origin, opts.max_image_side, opts.max_image_pixels),
+        )
+        if checked is None:
+            return None
+        ext, data, info = checked
+        return (ext, data), info
+
     def entries_for(self, modality: str) -> list[dict[str, Any]]:
         return [e for e in self.entries if e["modality"] == modality]
 

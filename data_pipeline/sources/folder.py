@@ -41,7 +41,6 @@ from data_pipeline.sources.common import (
     assemble,
     check_audio,
     check_caption,
-    check_image,
     format_counts,
     label_classes,
     read_file,
@@ -87,14 +86,9 @@ def _load(
     image = None
     if images:
         path = images[0]
-        checked = dropped.attempt(
-            "image",
-            rel(path),
-            lambda: check_image(read_file(path, rel(path)), str(path), opts.max_image_side, opts.max_image_pixels),
-        )
+        checked = dropped.image(path, rel(path), str(path), opts)
         if checked is not None:
-            ext, data, info = checked
-            image = (ext, data)
+            image, info = checked
             meta["image"] = {"file": rel(path), **info}
     caption = None
     if texts:

@@ -57,7 +57,6 @@ from data_pipeline.sources.common import (
     Track,
     assemble,
     check_audio,
-    check_image,
     format_counts,
     label_classes,
     read_file,
@@ -409,14 +408,9 @@ def _load_stamp(
     image = None
     if stamp.png is not None:
         png = stamp.png
-        checked = dropped.attempt(
-            "image",
-            rel(png),
-            lambda: check_image(read_file(png, rel(png)), rel(png), opts.max_image_side, opts.max_image_pixels),
-        )
+        checked = dropped.image(png, rel(png), rel(png), opts)
         if checked is not None:
-            ext, data, info = checked
-            image = (ext, data)
+            image, info = checked
             meta["image"] = {"file": rel(png), **info}
             build["image_modes"][info["mode"]] += 1
             build["image_with_alpha"] += int(info["has_alpha"])
