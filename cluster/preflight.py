@@ -264,7 +264,8 @@ def _check_resume(cfg: Config, nproc: int, resume: str | None, problems: list[st
         try:
             chosen = run.checkpointer().resolve(tag)
         except CheckpointError as exc:
-            problems.append(f"--resume {resume}: {exc}")
+            fresh = "" if run.has_checkpoint() else "; drop --resume (or use --resume auto) to start fresh"
+            problems.append(f"--resume {resume}: {exc}{fresh}")
             return
     report.notes.extend(str(w.message) for w in caught)
     folder = run.checkpoints / chosen

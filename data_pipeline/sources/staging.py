@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
-from data_pipeline.sources import SPLITS, BuildOptions, BuildReport, SourceError
+from data_pipeline.sources.options import SPLITS, BuildOptions, BuildReport, SourceError
 
 BUILD_ENTRIES = frozenset({*SPLITS, "tokenizer.json"})
 STAGING_MARK = ".building-"

@@ -80,7 +80,10 @@ def test_bad_samples_are_counted_logged_and_skipped(bad_split, caplog):
     assert not BAD_KEYS & set(keys)
     assert len(keys) == len(set(keys))  # nothing substituted or repeated
     assert 100 + 5 <= len(keys) < 100 + 5 + 10  # the truncated shard gives what precedes the cut
-    assert bad.count == len(BAD_KEYS) + 1  # five samples and one truncated shard
+    # every sample is read or counted: the five bad ones, and what the truncated shard lost
+    total = sum(s["count"] for s in json.loads((bad_split / "index.json").read_text())["shards"])
+    assert bad.count == total - len(keys) and bad.count > len(BAD_KEYS)
+    assert bad.shards == 1
     text = caplog.text
     for key in BAD_KEYS:
         assert key in text
@@ -166,7 +169,7 @@ def test_shard_cut_at_a_member_boundary_is_noticed(synthetic_dir, tmp_path, capl
     bad = BadInputLog()
     with caplog.at_level(logging.WARNING, logger="calmrl.data"):
         keys = [k for b in iterate_split(cfg_for(split), split, 50, bad) for k in b["key"] if k]
-    assert 0 < len(keys) < 100 and bad.count == 1
+    assert 0 < len(keys) < 100 and bad.count == 100 - len(keys) and bad.shards == 1  # what the cut lost
     assert f"ends after {len(keys)} of 100 samples" in caplog.text
     # its size no longer fits its layout: it was read by its tar headers, and said so
     assert f"reading shard {shard} by its tar headers" in caplog.text and "does not fit" in caplog.text
@@ -190,6 +193,6 @@ def test_shard_changed_after_build_is_noticed_by_its_layout(synthetic_dir, tmp_p
     bad = BadInputLog()
     with caplog.at_level(logging.WARNING, logger="calmrl.data"):
         keys = [k for b in iterate_split(cfg_for(split), split, 50, bad) for k in b["key"] if k]
-    assert keys == [k for k, _ in layout["samples"][:60]] and bad.count == 1
+    assert keys == [k for k, _ in layout["samples"][:60]] and bad.count == 40 and bad.shards == 1
     assert f"member {key}.{ext} is not at byte {offset} as its layout says" in caplog.text
     assert "rebuild the split" in caplog.text
