@@ -4,6 +4,7 @@ disk; training on them gives the losses of training without the cache."""
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import torch
 
@@ -27,7 +28,7 @@ def _train_both(rank: int, world: int, shards: str, root: str) -> dict:
     from pretrain.runtime import device_for_rank
     from pretrain.trainer import build_trainer
 
-    out = {}
+    out: dict[Any, Any] = {}
     for cache in (False, True):
         cfg = _config(shards, f"{root}/run-{cache}", cache)
         trainer = build_trainer(cfg)
