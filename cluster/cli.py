@@ -199,9 +199,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     results = evaluate_run(args.run_dir, args.data, args.checkpoint)
     path = write_results(results, args.out or RunDir(args.run_dir).eval_dir)
     print(markdown_table(results))
+    n = results["num_complete"]
+    pairs = results.get("pair_retrieval", {})
+    it = ""
+    if "image->text" in pairs and "text->image" in pairs:
+        m, back = pairs["image->text"], pairs["text->image"]
+        it = f"; image->text / text->image R@1 {m['R@1']:.3f} / {back['R@1']:.3f} over {m['n']} pairs (chance {m['chance_R@1']:.3f})"
     print(
-        f"eval of {results['checkpoint']} on {results['num_complete']} complete instances: "
-        f"mean R@1 {results['mean_R@1']:.3f} (written to {path})"
+        f"eval of {results['checkpoint']} on {n} complete instances: mean R@1 {results['mean_R@1']:.3f} "
+        f"(chance {1 / max(n, 1):.3f}){it} (written to {path})"
     )
     return 0
 
@@ -226,7 +232,9 @@ def cmd_embed(args: argparse.Namespace) -> int:
     from pretrain.runtime import configure_runtime
 
     configure_runtime()
-    report = embed_inputs(args.model, args.input, args.out, args.complete, args.batch_size, args.device)
+    report = embed_inputs(
+        args.model, args.input, args.out, args.complete, args.batch_size, args.device, workers=args.workers
+    )
     for key, why in list(report.bad.items())[:20]:
         print(f"bad record {key}: {why}", file=sys.stderr)
     if len(report.bad) > 20:
@@ -266,6 +274,9 @@ def add_use_parsers(sub: Any) -> None:
     )
     em.add_argument("--batch-size", type=int, default=64)
     em.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    em.add_argument(
+        "--workers", type=int, default=1, help="loader processes that decode while the model encodes (0: none)"
+    )
 
 
 def add_sweep_parser(subparsers: Any) -> argparse.ArgumentParser:

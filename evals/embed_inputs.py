@@ -26,16 +26,18 @@ from typing import Any
 
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
 from data_pipeline.contract import MODALITIES
 from data_pipeline.decode import TEXT_EXTENSIONS
 from data_pipeline.errors import DataError
-from data_pipeline.samples import SampleDecoder
+from data_pipeline.samples import SampleDecoder, collate
 from data_pipeline.sources.common import AUDIO_SUFFIXES, IMAGE_SUFFIXES
 from data_pipeline.split import open_split
 from data_pipeline.storage import is_remote
 from data_pipeline.tar_reading import BadInputLog, raw_samples
+from data_pipeline.wire import init_loader_worker, keep_as_is
 from evals.vector_file import THUMBNAIL_SIDE, VectorFileWriter, VectorRows
 from pretrain.encoder import Encoder, InputError
 
@@ -229,6 +231,51 @@ def thumbnail(image: torch.Tensor) -> bytes:
     return buffer.getvalue()
 
 
+class _DecodedBatches(IterableDataset):
+    """The records of --input decoded and collated in batches (in loader workers when asked,
+    so decoding overlaps the forward pass); each item carries its records' keys, sources,
+    captions and thumbnails, and the records that could not be used."""
+
+    def __init__(self, encoder: Encoder, source: str, batch_size: int):
+        super().__init__()
+        self.encoder, self.source, self.batch_size = encoder, source, batch_size
+
+    def _pack(self, pending: list[InputRecord], bad: list[tuple[str, str]]) -> dict[str, Any]:
+        samples = [r.sample for r in pending if r.sample is not None]
+        return {
+            "batch": collate(samples, self.encoder.cfg.data, self.encoder.audio_format, len(samples))
+            if samples
+            else None,
+            "records": [(r.key, r.sources, r.text) for r in pending],
+            "thumbnails": [thumbnail(s["image"]) if "image" in s else None for s in samples],
+            "bad": bad,
+        }
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        part, parts = (info.id, info.num_workers) if info is not None else (0, 1)
+        _, records = open_inputs(self.source, self.encoder)
+        pending: list[InputRecord] = []
+        bad: list[tuple[str, str]] = []
+        for index, record in enumerate(records):
+            if index % parts != part:  # records dealt round-robin to the workers
+                continue
+            if record.error is None and record.sample is None:
+                try:
+                    record.sample = self.encoder.decode(index, record.image, record.text, record.audio)
+                except InputError as exc:
+                    record.error = str(exc).split(": ", 1)[1]
+            if record.error is not None:
+                bad.append((record.key, record.error))
+                continue
+            pending.append(record)
+            if len(pending) == self.batch_size:
+                yield self._pack(pending, bad)
+                pending, bad = [], []
+        if pending or bad:
+            yield self._pack(pending, bad)
+
+
 def embed_inputs(
     model: str | Path,
     source: str,
@@ -238,7 +285,10 @@ def embed_inputs(
     device: str = "cpu",
     encoder: Encoder | None = None,
     progress: bool = True,
+    workers: int = 1,
 ) -> EmbedReport:
+    """Embed every record of `source` into the Parquet file `out` (see the module doc);
+    `workers` loader processes decode while this one encodes (0: decode here)."""
     start = time.perf_counter()
     encoder = encoder or Encoder.load(model, device=device)
     if complete and not encoder.has_calibrator:
@@ -246,76 +296,46 @@ def embed_inputs(
             f"{model} was trained with calibration.method={encoder.cfg.calibration.method}: it has no calibrator; "
             "embed without --complete"
         )
-    total, records = open_inputs(source, encoder)
+    total, _ = open_inputs(source, encoder)  # a wrong --input fails here, before any worker starts
     observed = dict.fromkeys(MODALITIES, 0)
     imputed = dict.fromkeys(MODALITIES, 0)
     bad: dict[str, str] = {}
     count = 0
     meta = {"model": str(model), "input": str(source), "complete": complete}
+    loader = DataLoader(
+        _DecodedBatches(encoder, source, batch_size),
+        batch_size=None,
+        num_workers=workers,
+        prefetch_factor=2 if workers > 0 else None,
+        worker_init_fn=init_loader_worker if workers > 0 else None,
+        collate_fn=keep_as_is,
+    )
     with VectorFileWriter(out, encoder.dim, meta) as writer:
         bar = tqdm(total=total, desc="embed", unit="record", disable=not progress)
-        pending: list[tuple[InputRecord, dict[str, Any]]] = []
-
-        def flush() -> None:
-            nonlocal count
-            if not pending:
-                return
-            encoded = encoder.encode_samples([s for _, s in pending], complete)
+        for item in loader:
+            bad.update(dict(item["bad"]))
+            bar.update(len(item["bad"]))
+            if item["batch"] is None:
+                continue
+            encoded = encoder.encode_batch(item["batch"], complete)
             rows = VectorRows()
-            for i, (record, sample) in enumerate(pending):
-                thumb = thumbnail(sample["image"]) if "image" in sample else None
+            for i, ((key, sources, caption), thumb) in enumerate(zip(item["records"], item["thumbnails"])):
                 for j, m in enumerate(MODALITIES):
                     if bool(encoded.observed[i, j]):
                         observed[m] += 1
-                        rows.add(
-                            record.key,
-                            m,
-                            True,
-                            encoded.emb[m][i].numpy(),
-                            None,
-                            record.sources.get(m),
-                            record.text,
-                            thumb,
-                        )
+                        rows.add(key, m, True, encoded.emb[m][i].numpy(), None, sources.get(m), caption, thumb)
                     elif bool(encoded.imputed[i, j]):
                         imputed[m] += 1
-                        rows.add(
-                            record.key,
-                            m,
-                            False,
-                            encoded.emb[m][i].numpy(),
-                            float(encoded.variance[m][i]),
-                            None,
-                            record.text,
-                            thumb,
-                        )
+                        variance = float(encoded.variance[m][i])
+                        rows.add(key, m, False, encoded.emb[m][i].numpy(), variance, None, caption, thumb)
             writer.write(rows)
-            count += len(pending)
-            bar.update(len(pending))
-            pending.clear()
-
-        for record in records:
-            if record.error is None and record.sample is None:
-                try:
-                    record.sample = encoder.decode(len(pending), record.image, record.text, record.audio)
-                except InputError as exc:
-                    record.error = str(exc).split(": ", 1)[1]
-            if record.error is not None:
-                bad[record.key] = record.error
-                bar.update(1)
-                continue
-            assert record.sample is not None
-            pending.append((record, record.sample))
-            if len(pending) == batch_size:
-                flush()
-        flush()
+            count += len(item["records"])
+            bar.update(len(item["records"]))
         bar.close()
         if count == 0:
-            raise EmbedInputError(
-                f"--input {source}: none of its {len(bad)} records could be used (first: "
-                f"{next(iter(bad.items()), ('', ''))})"
-            )
-        path = writer.close({"counts": {"records": count, "observed": observed, "imputed": imputed}, "bad": bad})
-    return EmbedReport(
-        path, count, sum(observed.values()) + sum(imputed.values()), observed, imputed, bad, time.perf_counter() - start
-    )
+            first = next(iter(bad.items()), ("", ""))
+            raise EmbedInputError(f"--input {source}: none of its {len(bad)} records could be used (first: {first})")
+        extra = {"counts": {"records": count, "observed": observed, "imputed": imputed}, "bad": bad}
+        path = writer.close(extra)
+    rows_written = sum(observed.values()) + sum(imputed.values())
+    return EmbedReport(path, count, rows_written, observed, imputed, bad, time.perf_counter() - start)
