@@ -1,9 +1,9 @@
 """Decoding of one modality from the bytes stored in a shard.
 
-Images go through PIL, audio through soundfile (ogg/flac/wav) and librosa
-(resampling and log-mel), text through a `tokenizers` tokenizer. Each function
-raises `DecodeError` naming what failed; the reader adds the sample key and
-shard.
+Images go through PIL (SVG is first rasterised by resvg, `rasterise_svg`),
+audio through soundfile (ogg/flac/wav/mp3) and librosa (resampling and
+log-mel), text through a `tokenizers` tokenizer. Each function raises
+`DecodeError` naming what failed; the reader adds the sample key and shard.
 """
 
 from __future__ import annotations
@@ -14,13 +14,28 @@ from dataclasses import dataclass
 
 import librosa
 import numpy as np
+import resvg_py
 import soundfile
 import torch
 from PIL import Image
 
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
-AUDIO_EXTENSIONS = ("flac", "ogg", "wav")
+AUDIO_EXTENSIONS = ("flac", "ogg", "wav", "mp3")
 TEXT_EXTENSIONS = ("txt",)
+
+# An SVG is rasterised to this longest side (aspect kept), both when a build
+# stores it (as PNG) and when `decode_image` is handed one at inference, so the
+# two see the same pixels. Training images are a few hundred pixels a side.
+SVG_SIDE = 512
+# The largest SVG file the rasteriser reads (Tux Paint's largest is 236 KB). The
+# declared width and height never size the canvas: the picture is always fitted
+# into SVG_SIDE x SVG_SIDE, so an SVG declaring 10^6 x 10^6 costs what a small one does.
+MAX_SVG_BYTES = 16 << 20
+# CSS pixels per inch: what `pt`, `mm`, `in` are converted with (resvg-py's
+# default of 0 makes every such size zero, e.g. Inkscape's width="128pt").
+SVG_DPI = 96.0
+_BOM = b"\xef\xbb\xbf"
+_SVG_STARTS = (b"<svg", b"<?xml", b"<!doctype svg")
 
 
 class DecodeError(ValueError):
@@ -45,8 +60,55 @@ class AudioFormat:
         return 1 + self.num_samples // self.hop_length
 
 
-def decode_image(data: bytes, size: int) -> torch.Tensor:
-    """PNG/JPEG bytes -> float [3, size, size] in [-1, 1]."""
+def is_svg(data: bytes) -> bool:
+    """Whether `data` is SVG text (starts with `<svg`, `<?xml` or `<!DOCTYPE svg`
+    after an optional UTF-8 byte-order mark and whitespace): no PNG, JPEG or WebP does."""
+    head = data[:256].removeprefix(_BOM).lstrip().lower()
+    return head.startswith(_SVG_STARTS)
+
+
+def rasterise_svg(data: bytes, origin: str = "SVG", side: int = SVG_SIDE) -> bytes:
+    """SVG bytes -> PNG bytes (RGBA, transparent where the SVG draws nothing) with
+    the longest side `side` and the SVG's aspect kept, rendered by resvg.
+
+    System fonts are not loaded: the picture is the same on every machine (and an
+    SVG whose only content is text in a font it does not embed renders nothing,
+    which is refused). Raises DecodeError naming `origin` for a file that is too
+    large, not UTF-8, not SVG, of zero size, or that draws nothing."""
+    if len(data) > MAX_SVG_BYTES:
+        raise DecodeError(
+            f"{origin}: SVG of {len(data):,} bytes is larger than the {MAX_SVG_BYTES:,} the rasteriser reads; "
+            "simplify it or convert it to PNG"
+        )
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DecodeError(f"{origin}: SVG is not UTF-8 ({exc}); re-save it as UTF-8") from exc
+    try:
+        png = resvg_py.svg_to_bytes(svg_string=text, width=side, height=side, dpi=SVG_DPI, skip_system_fonts=True)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # ValueError for bad SVG; pyo3 reports a Rust panic as a BaseException
+        raise DecodeError(
+            f"{origin}: SVG does not rasterise ({type(exc).__name__}: {exc}); fix or replace the file"
+        ) from exc
+    with Image.open(io.BytesIO(png)) as img:
+        if img.getchannel("A").getbbox() is None:
+            raise DecodeError(
+                f"{origin}: SVG renders nothing (every pixel transparent at {img.width} x {img.height}; "
+                "text in a font it does not embed?); convert its text to paths or use a PNG"
+            )
+    return bytes(png)
+
+
+def decode_image(data: bytes, size: int, origin: str = "image") -> torch.Tensor:
+    """PNG/JPEG/WebP or SVG bytes -> float [3, size, size] in [-1, 1].
+
+    SVG (detected by content, `is_svg`) is rasterised as a build stores it
+    (`rasterise_svg`, longest side SVG_SIDE), then decoded as that PNG; `origin`
+    names the file in an SVG's errors."""
+    if is_svg(data):
+        data = rasterise_svg(data, origin)
     try:
         with Image.open(io.BytesIO(data)) as opened:
             img: Image.Image = opened
