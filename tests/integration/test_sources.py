@@ -648,7 +648,7 @@ def test_folder_takes_svg_jpeg_png_webp_and_mp3_and_reads_them_back(tmp_path):
     raw, meta = metas["drawings_circle"]
     with Image.open(io.BytesIO(raw["png"])) as img:  # 60 x 30 pt fitted into 512 x 512, alpha kept
         assert img.format == "PNG" and img.size == (512, 256) and img.mode == "RGBA"
-        assert img.getpixel((256, 128)) == (255, 0, 0, 255) and img.getpixel((0, 0))[3] == 0
+        assert img.getpixel((256, 128)) == (255, 0, 0, 255) and img.getchannel("A").getpixel((0, 0)) == 0
     assert meta["image"]["file"] == "drawings/circle.svg" and meta["image"]["rasterised_from"] == "svg"
     assert (meta["image"]["width"], meta["image"]["height"]) == (512, 256)
     raw, meta = metas["drawings_broken"]
