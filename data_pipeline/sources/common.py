@@ -141,7 +141,11 @@ def _pixel_limit() -> Iterator[None]:
 
 
 def check_image(
-    data: bytes, origin: str, max_side: int = MAX_IMAGE_SIDE, max_pixels: int = MAX_DECODE_PIXELS
+    data: bytes,
+    origin: str,
+    max_side: int = MAX_IMAGE_SIDE,
+    max_pixels: int = MAX_DECODE_PIXELS,
+    folder: Path | None = None,
 ) -> tuple[str, bytes, dict[str, Any]]:
     """Decode fully; return (entry extension, bytes to store, info).
 
@@ -152,13 +156,14 @@ def check_image(
     BadRecord("image_too_large").
 
     SVG bytes are first rasterised (`rasterise_svg`: longest side SVG_SIDE, alpha
-    kept) and the PNG is what is checked and stored; `info` then holds
+    kept; a picture it refers to by a relative path is read from `folder`, the
+    file's own) and the PNG is what is checked and stored; `info` then holds
     `rasterised_from: "svg"`. One that does not rasterise raises
     BadRecord("bad_svg") naming `origin`."""
     rasterised = is_svg(data)
     if rasterised:
         try:
-            data = rasterise_svg(data, origin)
+            data = rasterise_svg(data, origin, folder=folder)
         except DecodeError as exc:
             raise BadRecord("bad_svg", f"{exc}, {SKIP_BAD_HINT}") from exc
     try:
@@ -291,7 +296,7 @@ class Dropped:
         checked = self.attempt(
             "image",
             file,
-            lambda: check_image(read_file(path, file), origin, opts.max_image_side, opts.max_image_pixels),
+            lambda: check_image(read_file(path, file), origin, opts.max_image_side, opts.max_image_pixels, path.parent),
         )
         if checked is None:
             return None

@@ -135,7 +135,7 @@ def _load(
 
     def load_image(rel: str) -> tuple[str, bytes, dict[str, Any]]:
         path, origin = resolve(rel, "image")
-        return check_image(read_file(path, origin), origin, opts.max_image_side, opts.max_image_pixels)
+        return check_image(read_file(path, origin), origin, opts.max_image_side, opts.max_image_pixels, path.parent)
 
     image = None
     if obj.get("image"):

@@ -689,15 +689,30 @@ def test_jsonl_takes_an_svg_image_and_an_mp3_track(tmp_path):
     (base / "img/circle.svg").write_text(RED_CIRCLE_SVG)
     (base / "snd").mkdir()
     _mp3(base / "snd/beep.mp3", 22050)
-    line = {"image": "img/circle.svg", "caption": "a red circle", "audio": "snd/beep.mp3"}
-    manifest = _manifest(tmp_path, [json.dumps(line)])
+    # An SVG drawing a picture that lies beside it: read from the SVG's folder, not the working directory.
+    _png(base / "img/green.png", colour=(0, 255, 0), size=(4, 4))
+    (base / "img/framed.svg").write_text(
+        '<svg xmlns="http://www.w3.org/2000/svg" xmlns:xlink="http://www.w3.org/1999/xlink" width="8" height="8">'
+        '<image width="8" height="8" xlink:href="green.png"/></svg>'
+    )
+    lines = [
+        {"image": "img/circle.svg", "caption": "a red circle", "audio": "snd/beep.mp3"},
+        {"image": "img/framed.svg", "caption": "a green square"},
+    ]
+    manifest = _manifest(tmp_path, [json.dumps(line) for line in lines])
     out = tmp_path / "out"
     SOURCES["jsonl"](BuildOptions(out=out, input=manifest, split_fractions=(1.0, 0.0, 0.0), progress=False))
-    ((raw, meta),) = list(shard_samples(out / "train"))
+    metas = {raw["__key__"]: (raw, meta) for raw, meta in shard_samples(out / "train")}
+    raw, meta = metas["img_circle_svg"]
     assert meta["modalities"] == ["image", "text", "audio"] and "png" in raw and "audio0.mp3" in raw
     assert meta["image"]["rasterised_from"] == "svg" and meta["audio_tracks"][0]["sample_rate"] == 22050
+    with Image.open(io.BytesIO(metas["img_framed_svg"][0]["png"])) as img:
+        assert img.size == (512, 512) and img.convert("RGBA").getpixel((256, 256)) == (0, 255, 0, 255)
     rows, bad = read_back(out)
-    assert bad.count == 0 and rows == {raw["__key__"]: ((True, True, True), -1)}
+    assert bad.count == 0 and rows == {
+        "img_circle_svg": ((True, True, True), -1),
+        "img_framed_svg": ((True, True, False), -1),
+    }
 
 
 # ---------------------------------------------------------------- tuxpaint's SVG-only stamps, on a package-shaped folder

@@ -176,3 +176,37 @@ def test_mp3_decodes_at_its_own_rate():
     assert abs(wave.shape[0] - 8000) < 400  # MP3 pads a few frames; resampled from 22050 to 8000
     spectrum = np.abs(np.fft.rfft(wave[1000:7000]))
     assert abs(np.argmax(spectrum) * 8000 / 6000 - 440) < 5
+
+
+def svg_with_image(href: str) -> bytes:
+    return (
+        f'<svg {SVG_NS} xmlns:xlink="http://www.w3.org/1999/xlink" width="10" height="10">'
+        f'<rect width="2" height="2" fill="red"/><image width="10" height="10" xlink:href="{href}"/></svg>'
+    ).encode()
+
+
+def test_svg_reads_pictures_only_from_its_own_folder(tmp_path, monkeypatch):
+    Image.new("RGB", (4, 4), (0, 255, 0)).save(tmp_path / "green.png")
+    monkeypatch.chdir(tmp_path)  # resvg alone would read green.png from the working directory
+    centre = (SVG_SIDE // 2, SVG_SIDE // 2)
+    assert rgba(rasterise_svg(svg_with_image("green.png"))).getchannel("A").getpixel(centre) == 0  # bytes: not read
+    assert rgba(rasterise_svg(svg_with_image("green.png"), folder=tmp_path)).getpixel(centre) == (0, 255, 0, 255)
+    for href in (str(tmp_path / "green.png"), "../elsewhere/green.png"):
+        with pytest.raises(DecodeError, match="outside its own folder") as err:
+            rasterise_svg(svg_with_image(href), "doc.svg", folder=tmp_path)
+        assert str(err.value).startswith("doc.svg: ") and "Embed Images" in str(err.value)
+
+
+def test_svg_embedding_a_huge_picture_is_refused_before_resvg_decodes_it(tmp_path):
+    import base64
+
+    Image.new("L", (4097, 4097), 128).save(tmp_path / "poster.png")  # 16.8 MP in 17 KB
+    data_url = "data:image/png;base64," + base64.b64encode((tmp_path / "poster.png").read_bytes()).decode()
+    with pytest.raises(DecodeError, match="embeds a data: URL, a picture of 4097 x 4097 pixels"):
+        rasterise_svg(svg_with_image(data_url), "doc.svg")
+    with pytest.raises(DecodeError, match="embeds 'poster.png', a picture of 4097 x 4097 pixels"):
+        rasterise_svg(svg_with_image("poster.png"), "doc.svg", folder=tmp_path)
+    small = io.BytesIO()
+    Image.new("RGB", (4, 4), (0, 255, 0)).save(small, format="PNG")
+    data_url = "data:image/png;base64," + base64.b64encode(small.getvalue()).decode()
+    assert rgba(rasterise_svg(svg_with_image(data_url))).getpixel((SVG_SIDE // 2, SVG_SIDE // 2)) == (0, 255, 0, 255)
