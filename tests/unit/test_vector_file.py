@@ -13,8 +13,16 @@ def test_round_trip_and_metadata(tmp_path):
     vecs = rng.standard_normal((5, 8)).astype(np.float32)
     rows = VectorRows()
     for i, v in enumerate(vecs):
-        rows.add(f"k{i}", ("image", "text", "audio")[i % 3], i % 2 == 0, v, None if i % 2 == 0 else 0.25,
-                 source=f"/x/{i}.png", caption="a cat" if i == 1 else None, thumbnail=b"png" if i == 2 else None)
+        rows.add(
+            f"k{i}",
+            ("image", "text", "audio")[i % 3],
+            i % 2 == 0,
+            v,
+            None if i % 2 == 0 else 0.25,
+            source=f"/x/{i}.png",
+            caption="a cat" if i == 1 else None,
+            thumbnail=b"png" if i == 2 else None,
+        )
     path = tmp_path / "e.parquet"
     writer = VectorFileWriter(path, 8, {"model": "m"})
     writer.write(rows)
