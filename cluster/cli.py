@@ -423,7 +423,10 @@ def cmd_search(args: argparse.Namespace) -> int:
         )
         from pretrain.encoder import Encoder
 
-        enc = Encoder.load(args.model, device="cpu")
+        try:
+            enc = Encoder.load(args.model, device="cpu")
+        except ValueError as exc:  # ModelLoadError: neither a run folder nor an export
+            raise SearchError(str(exc)) from exc
         if int(enc.dim) != int(meta["dim"]):
             raise SearchError(
                 f"{args.model} embeds in {enc.dim} dimensions, {args.index} holds {meta['dim']}: "

@@ -145,7 +145,6 @@ class SearchIndex:
         self.key = key
         self.observed = observed
         self.variance = variance
-        self._position = {int(r): i for i, r in enumerate(file_rows)}
 
     def __len__(self) -> int:
         return int(self.file_rows.shape[0])
@@ -156,7 +155,7 @@ class SearchIndex:
         shown = read_display_columns(self.path, [r for _, r in keep])
         out = []
         for rank, (score, row) in enumerate(keep, start=1):
-            i = self._position[row]
+            i = int(np.searchsorted(self.file_rows, row))  # file_rows ascend
             var = float(self.variance[i])
             source, caption, thumbnail = shown[row]
             out.append(
