@@ -344,7 +344,7 @@ def open_index(
     key = np.asarray(sel.column("key").to_pylist(), dtype=object)
     observed = np.asarray(sel.column("observed").to_numpy(zero_copy_only=False), dtype=bool)
     variance = np.asarray(sel.column("variance").to_numpy(zero_copy_only=False), dtype=np.float32)
-    kind = "flat" if n < exact_below else "ivf"
+    kind = "ivf" if n >= exact_below and nlist_for(n) >= 2 else "flat"  # one list would be a flat index
     index_file, info_file = index_paths(path, modality, include_imputed)
     want = {
         "version": INDEX_VERSION,
@@ -516,7 +516,7 @@ def _one_line(text: str | None, width: int = 60) -> str:
 
 def text_table(hits: Sequence[Hit], header: str) -> str:
     key_w = max([3] + [len(h.key) for h in hits])
-    lines = [header, f"{'rank':>4}  {'score':>7}  {'key':<{key_w}}  {'modality':<8}  {'row':<8}  caption / source"]
+    lines = [header, f"{'rank':>4}  {'score':>7}  {'key':<{key_w}}  {'modality':<8}  {'vector':<8}  caption / source"]
     for h in hits:
         shown = _one_line(h.caption) or _one_line(h.source)
         lines.append(f"{h.rank:>4}  {h.score:>7.4f}  {h.key:<{key_w}}  {h.modality:<8}  {h.status:<8}  {shown}")
@@ -557,7 +557,7 @@ def write_html(path: str | Path, hits: Sequence[Hit], header: str, query: str) -
 <style>body{{font-family:sans-serif}} td,th{{padding:4px 8px;vertical-align:top;border-bottom:1px solid #ddd}}
 img{{max-width:128px}} .key{{font-family:monospace}}</style></head>
 <body><h1>calmrl search</h1><p class="query">query: {esc(query)}</p><p class="header">{esc(header)}</p>
-<table><tr><th>rank</th><th>score</th><th>key</th><th>modality</th><th>row</th><th>media</th><th>caption</th><th>source</th></tr>
+<table><tr><th>rank</th><th>score</th><th>key</th><th>modality</th><th>vector</th><th>media</th><th>caption</th><th>source</th></tr>
 {chr(10).join(rows)}
 </table></body></html>
 """
