@@ -216,22 +216,29 @@ def _selection(table: pa.Table, modality: str, include_imputed: bool) -> np.ndar
 
 
 def read_display_columns(path: Path, rows: Sequence[int]) -> dict[int, tuple[str | None, str | None, bytes | None]]:
-    """source, caption and thumbnail of some rows, reading only the row groups that hold them."""
+    """source, caption and thumbnail of some rows: only the row groups that hold them are read,
+    in batches of 1024 rows, up to the last row wanted (a row group of thumbnails can be large)."""
     if not rows:
         return {}
     pf = pq.ParquetFile(path)
     starts = np.cumsum([0] + [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)])
+    wanted = sorted({int(r) for r in rows})
+    groups = np.searchsorted(starts, wanted, side="right") - 1
     out: dict[int, tuple[str | None, str | None, bytes | None]] = {}
-    groups = np.searchsorted(starts, rows, side="right") - 1
     for g in sorted(set(groups.tolist())):
-        table = pf.read_row_group(g, columns=["source", "caption", "thumbnail"])
-        for row in (r for r, gr in zip(rows, groups) if gr == g):
-            i = int(row - starts[g])
-            out[int(row)] = (
-                table.column("source")[i].as_py(),
-                table.column("caption")[i].as_py(),
-                table.column("thumbnail")[i].as_py(),
-            )
+        local = [r - int(starts[g]) for r, gr in zip(wanted, groups) if gr == g]
+        offset = 0
+        for batch in pf.iter_batches(batch_size=1024, row_groups=[g], columns=["source", "caption", "thumbnail"]):
+            for i in (i for i in local if offset <= i < offset + batch.num_rows):
+                j = i - offset
+                out[int(starts[g]) + i] = (
+                    batch.column(0)[j].as_py(),
+                    batch.column(1)[j].as_py(),
+                    batch.column(2)[j].as_py(),
+                )
+            offset += batch.num_rows
+            if offset > local[-1]:
+                break
     return out
 
 

@@ -23,6 +23,7 @@ from evals.search import (
     open_index,
     parse_query,
     query_vector,
+    read_display_columns,
     recall_at_k,
     search,
     text_table,
@@ -256,6 +257,7 @@ def test_query_parsing(tmp_path):
     assert parse_query(str(snd)).audio == snd and parse_query(str(txt)).text == "a red bird"
     both = parse_query("a red bird", query_image=str(img))
     assert both.text == "a red bird" and both.image == img
+    assert both.describe() == f"text 'a red bird' + image {img}"
     for args, message in [
         ((str(tmp_path / "gone.jpg"),), "no such file"),
         ((str(odd),), "unknown type .bin"),
@@ -308,3 +310,21 @@ def test_search_help_names_the_query_rules(capsys):
         calmrl(["search", "--help"])
     out = capsys.readouterr().out
     assert "--query-image" in out and "by its suffix" in out and "calmrl search runs/demo" in out
+
+
+def test_display_columns_come_from_the_right_rows_across_row_groups(tmp_path):
+    path = tmp_path / "e.parquet"
+    vecs = unit(np.random.default_rng(0).standard_normal((4500, 4)))
+    with VectorFileWriter(path, 4) as writer:
+        for start in (0, 1500, 3000):  # three row groups of 1500 (each read in batches of 1024)
+            rows = VectorRows()
+            for i in range(start, start + 1500):
+                rows.add(f"k{i}", "text", True, vecs[i], caption=f"c{i}", source=f"s{i}")
+            writer.write(rows)
+        writer.close()
+    import pyarrow.parquet as pq
+
+    assert pq.ParquetFile(path).num_row_groups == 3
+    wanted = [4499, 0, 1030, 1499, 1500, 2600, 1024, 1023]
+    got = read_display_columns(path, wanted)
+    assert {r: got[r][:2] for r in wanted} == {r: (f"s{r}", f"c{r}") for r in wanted}
