@@ -6,10 +6,12 @@
 - Below `exact_below` rows the index is exact: `IndexFlatIP` (the vectors are unit length, so
   inner product is cosine). From there on it is approximate: `IndexIVFFlat`, a k-means coarse
   quantizer of about sqrt(n) lists (a power of two) over the same flat vectors. IVF was chosen
-  over HNSW by measurement on the 2-core machine this was written on (docs/search.md): at
-  1M x 128 IVF builds in a few seconds (k-means on 40 points per list, then one assignment pass),
-  an HNSW graph of M=16 took 13 s per 200k rows (over a minute for 1M) and gave no better
-  recall per query-time; and IVF's one knob, `nprobe`, is cheap to set after the build.
+  over HNSW by measurement on the 2-core machine this was written on (docs/search.md,
+  benchmarks/search_index_choice.py): at 1M x 128 IVF built in 11 s (k-means on 40 points per
+  list, then one assignment pass), an HNSW graph (M=16, efConstruction=40) in 180 s. HNSW
+  answers faster at equal recall, but an index built on first use, and again whenever the file
+  changes, cannot take minutes; and IVF's one knob, `nprobe`, can be set after the build by
+  measuring recall.
 - After an IVF build, `nprobe` is chosen by measurement: the recall@k of the index against the
   exact search on a sample of the data's own rows (each query's own row left out) is measured
   for nprobe = 1, 2, 4, ... up to nlist/4, and the first that reaches `target_recall` is kept. On
@@ -52,6 +54,12 @@ RECALL_QUERIES = 256
 RECALL_K = 10
 INDEX_VERSION = 1
 TRAIN_POINTS_PER_LIST = 40  # faiss asks for at least 39 training points per k-means centroid
+# faiss 1.15 computes exact inner products with BLAS (one matrix product) when queries x dim
+# exceeds distance_compute_blas_threshold, 128000 by default: a batch of 100 queries of D=128
+# went one query at a time, 2.0 s over 1M rows against 0.30 s by BLAS (1 thread); one or two
+# queries are faster without BLAS (26 against 47 ms). Measured crossover: 4 queries
+# (docs/search.md). This also speeds the exact search behind the IVF recall measurement.
+BLAS_FROM_QUERIES = 4
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".tiff")
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3", ".m4a", ".aiff", ".aif")
@@ -60,6 +68,11 @@ TEXT_SUFFIXES = (".txt",)
 
 class SearchError(ValueError):
     """A search that cannot run as asked; the message says why and, where there is one, the fix."""
+
+
+def use_blas_from(dim: int, queries: int = BLAS_FROM_QUERIES) -> None:
+    """Exact search by BLAS from `queries` queries of dimension `dim` on (faiss's global knob)."""
+    faiss.cvar.distance_compute_blas_threshold = queries * dim - 1
 
 
 def set_threads(threads: int | None = None) -> int:
@@ -187,6 +200,7 @@ def search(index: SearchIndex, queries: np.ndarray, k: int) -> tuple[np.ndarray,
     if not np.isfinite(q).all() or (np.linalg.norm(q, axis=1) == 0).any():
         raise SearchError("a query vector is zero or not finite: nothing to compare by cosine")
     faiss.normalize_L2(q)
+    use_blas_from(index.info.dim)
     scores, ids = index.index.search(q, k)
     rows = np.where(ids >= 0, index.file_rows[np.maximum(ids, 0)], -1)
     return scores, rows
@@ -283,6 +297,7 @@ def build_ivf(
 ) -> tuple[Any, dict[str, Any]]:
     """An IndexIVFFlat over `vectors` (unit rows) with nprobe chosen by measured recall@k."""
     n, dim = vectors.shape
+    use_blas_from(dim)
     rng = np.random.default_rng(seed)
     nlist = nlist_for(n)
     quantizer = faiss.IndexFlatIP(dim)

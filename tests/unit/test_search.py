@@ -86,6 +86,11 @@ def test_exact_search_equals_numpy_brute_force(tmp_path):
     order = np.argsort(-ref_scores, axis=1)[:, :7]
     np.testing.assert_array_equal(got, rows[order])
     np.testing.assert_allclose(scores, np.take_along_axis(ref_scores, order, axis=1), rtol=1e-5, atol=1e-6)
+    import faiss
+
+    assert faiss.cvar.distance_compute_blas_threshold == 4 * D - 1  # 5 queries went by BLAS, 1 does not:
+    for i in range(len(queries)):  # the same neighbours either way
+        np.testing.assert_array_equal(search(idx, queries[i : i + 1], 7)[1][0], got[i])
     # more than there are: the rest is -1, and hits() drops it
     scores, got = search(idx, queries[:1], k=len(rows) + 3)
     assert (got[0, len(rows) :] == -1).all()
