@@ -3,6 +3,8 @@
 calmrl data build --source synthetic|tuxpaint|folder|jsonl --out DIR [--input PATH] [--shard-size N]
 calmrl train CONFIG [--nproc N] [--resume latest|TAG] [--init-from RUN_DIR[:TAG]] [--no-preflight] [--section.key=value ...]
 calmrl eval RUN_DIR --data SPLIT_DIR [--checkpoint TAG] [--out DIR]
+calmrl export RUN_DIR --out DIR [--checkpoint TAG] [--dtype fp32|bf16]
+calmrl embed MODEL --input DIR|MANIFEST.jsonl|SPLIT|s3://... --out FILE.parquet [--complete]
 calmrl launch slurm CONFIG --nodes N --gpus-per-node G [--partition P] [--time T] [--dry-run]
 calmrl launch k8s CONFIG [--workers N] [--gpus-per-worker G] [--image IMAGE] [--out FILE] [--sweep SWEEP.yaml]
 calmrl sweep SWEEP.yaml [--resume | --no-resume]
@@ -198,11 +200,84 @@ def cmd_eval(args: argparse.Namespace) -> int:
     results = evaluate_run(args.run_dir, args.data, args.checkpoint)
     path = write_results(results, args.out or RunDir(args.run_dir).eval_dir)
     print(markdown_table(results))
+    n = results["num_complete"]
+    pairs = results.get("pair_retrieval", {})
+    it = ""
+    if "image->text" in pairs and "text->image" in pairs:
+        m, back = pairs["image->text"], pairs["text->image"]
+        it = f"; image->text / text->image R@1 {m['R@1']:.3f} / {back['R@1']:.3f} over {m['n']} pairs (chance {m['chance_R@1']:.3f})"
     print(
-        f"eval of {results['checkpoint']} on {results['num_complete']} complete instances: "
-        f"mean R@1 {results['mean_R@1']:.3f} (written to {path})"
+        f"eval of {results['checkpoint']} on {n} complete instances: mean R@1 {results['mean_R@1']:.3f} "
+        f"(chance {1 / max(n, 1):.3f}){it} (written to {path})"
     )
     return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from pretrain.export import export_run, read_manifest
+    from pretrain.runtime import configure_runtime
+
+    configure_runtime()
+    out = export_run(args.run_dir, args.out, args.checkpoint, args.dtype)
+    manifest = read_manifest(out, verify=False)
+    size = sum(p.stat().st_size for p in out.iterdir()) / 2**20
+    print(
+        f"exported {manifest['checkpoint']} of {args.run_dir} to {out} ({manifest['dtype']}, {size:.1f} MiB, "
+        f"completion: {manifest['completion']}); load it with pretrain.encoder.Encoder.load({str(out)!r})"
+    )
+    return 0
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    from evals.embed_inputs import embed_inputs
+    from pretrain.runtime import configure_runtime
+
+    configure_runtime()
+    report = embed_inputs(
+        args.model, args.input, args.out, args.complete, args.batch_size, args.device, workers=args.workers
+    )
+    for key, why in list(report.bad.items())[:20]:
+        print(f"bad record {key}: {why}", file=sys.stderr)
+    if len(report.bad) > 20:
+        print(f"... and {len(report.bad) - 20} more (all listed in the file's metadata, 'bad')", file=sys.stderr)
+    print(report.summary)
+    return 0
+
+
+def add_use_parsers(sub: Any) -> None:
+    """export and embed: using a trained model."""
+    ex = sub.add_parser(
+        "export",
+        help="write a run's checkpoint as a folder that loads without DeepSpeed (safetensors + config + tokenizer)",
+        description="Full weights of the towers and heads (safetensors), the resolved config, the tokenizer and "
+        "the calibrator state, in one folder (pretrain/export.py). Example: "
+        "calmrl export runs/demo --out runs/demo/export",
+    )
+    ex.add_argument("run_dir", help="the run folder (train.out_dir)")
+    ex.add_argument("--out", required=True, help="the export folder (replaced whole if it is an export)")
+    ex.add_argument("--checkpoint", default="latest", help="checkpoint tag (default latest)")
+    ex.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="weights' dtype (default fp32)")
+    em = sub.add_parser(
+        "embed",
+        help="embed every record of a folder, a manifest or a shard split into a Parquet file",
+        description="One row per record and modality: key, modality, observed/imputed, vector (evals/vector_file.py). "
+        "Example: calmrl embed runs/demo --input data/tuxpaint/test --out runs/demo/test.parquet --complete",
+    )
+    em.add_argument("model", help="a run folder or an export")
+    em.add_argument(
+        "--input",
+        required=True,
+        help="a folder (files sharing a stem form a record), a JSONL manifest, or a shard split (index.json; local or s3://)",
+    )
+    em.add_argument("--out", required=True, help="the Parquet file to write (written whole)")
+    em.add_argument(
+        "--complete", action="store_true", help="also write the calibrator's imputations of what records lack"
+    )
+    em.add_argument("--batch-size", type=int, default=64)
+    em.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    em.add_argument(
+        "--workers", type=int, default=1, help="loader processes that decode while the model encodes (0: none)"
+    )
 
 
 def add_sweep_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -421,6 +496,9 @@ def cmd_search(args: argparse.Namespace) -> int:
             rebuild=args.rebuild,
             log=lambda line: print(line, file=sys.stderr),
         )
+        from pretrain.runtime import configure_runtime
+
+        configure_runtime()
         from pretrain.encoder import Encoder
 
         try:
@@ -543,6 +621,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data", required=True, help="split folder (holding index.json)")
     ev.add_argument("--checkpoint", default="latest")
     ev.add_argument("--out", default=None)
+    add_use_parsers(sub)
     from cluster.k8s import add_k8s_parser
     from cluster.slurm import add_launch_parser
 
@@ -587,6 +666,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_sweep(args)
         if args.command == "search":
             return cmd_search(args)
+        if args.command == "export":
+            return cmd_export(args)
+        if args.command == "embed":
+            return cmd_embed(args)
         return cmd_eval(args)
     except ConfigError as exc:
         print(f"calmrl: config error: {exc}", file=sys.stderr)
@@ -598,6 +681,17 @@ def main(argv: list[str] | None = None) -> int:
         from data_pipeline.storage import StorageError
         from pretrain.checkpoint import CheckpointError
 
+        if args.command in ("export", "embed", "search") and "RANK" not in os.environ:
+            # using a model: a wrong path, a model of the wrong kind, an unusable input are one line
+            from evals.embed_inputs import EmbedInputError
+            from evals.vector_file import VectorFileError
+            from pretrain.encoder import InputError, ModelLoadError
+            from pretrain.export import ExportError
+
+            usage = (EmbedInputError, VectorFileError, InputError, ModelLoadError, ExportError, ValueError, OSError)
+            if isinstance(exc, (*usage, StorageError, DataError, CheckpointError)):
+                print(f"calmrl {args.command}: {exc}", file=sys.stderr)
+                return 2
         if "RANK" in os.environ or not isinstance(exc, StorageError | DataError | CheckpointError):
             raise  # in a rank, the launcher's summary reports it, with the trace in the rank's log
         print(f"calmrl: {type(exc).__name__}: {exc}", file=sys.stderr)

@@ -1,26 +1,51 @@
 """Decoding of one modality from the bytes stored in a shard.
 
-Images go through PIL, audio through soundfile (ogg/flac/wav) and librosa
-(resampling and log-mel), text through a `tokenizers` tokenizer. Each function
-raises `DecodeError` naming what failed; the reader adds the sample key and
-shard.
+Images go through PIL (SVG is first rasterised by resvg, `rasterise_svg`),
+audio through soundfile (ogg/flac/wav/mp3) and librosa (resampling and
+log-mel), text through a `tokenizers` tokenizer. Each function raises
+`DecodeError` naming what failed; the reader adds the sample key and shard.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
+import tempfile
+import urllib.request
+import warnings
 from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from xml.etree import ElementTree
 
 import librosa
 import numpy as np
+import resvg_py
 import soundfile
 import torch
 from PIL import Image
 
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
-AUDIO_EXTENSIONS = ("flac", "ogg", "wav")
+AUDIO_EXTENSIONS = ("flac", "ogg", "wav", "mp3")
 TEXT_EXTENSIONS = ("txt",)
+
+# An SVG is rasterised to this longest side (aspect kept), both when a build
+# stores it (as PNG) and when `decode_image` is handed one at inference, so the
+# two see the same pixels. Training images are a few hundred pixels a side.
+SVG_SIDE = 512
+# The largest SVG file the rasteriser reads (Tux Paint's largest is 236 KB). The
+# declared width and height never size the canvas: the picture is always fitted
+# into SVG_SIDE x SVG_SIDE, so an SVG declaring 10^6 x 10^6 costs what a small one does.
+MAX_SVG_BYTES = 16 << 20
+# CSS pixels per inch: what `pt`, `mm`, `in` are converted with (resvg-py's
+# default of 0 makes every such size zero, e.g. Inkscape's width="128pt").
+SVG_DPI = 96.0
+# The most pixels of a raster picture an SVG embeds or refers to (resvg decodes
+# it whole: an 8000 x 8000 PNG of 79 KB costs 300 MB): a 12 MP photo passes.
+MAX_SVG_IMAGE_PIXELS = 4096 * 4096
+_HREF_ATTRIBUTES = ("href", "{http://www.w3.org/1999/xlink}href")
+_BOM = b"\xef\xbb\xbf"
+_SVG_STARTS = (b"<svg", b"<?xml", b"<!doctype svg")
 
 
 class DecodeError(ValueError):
@@ -45,8 +70,127 @@ class AudioFormat:
         return 1 + self.num_samples // self.hop_length
 
 
-def decode_image(data: bytes, size: int) -> torch.Tensor:
-    """PNG/JPEG bytes -> float [3, size, size] in [-1, 1]."""
+def is_svg(data: bytes) -> bool:
+    """Whether `data` is SVG text (starts with `<svg`, `<?xml` or `<!DOCTYPE svg`
+    after an optional UTF-8 byte-order mark and whitespace): no PNG, JPEG or WebP does."""
+    head = data[:256].removeprefix(_BOM).lstrip().lower()
+    return head.startswith(_SVG_STARTS)
+
+
+def _referenced_image(payload: bytes, what: str, origin: str, folder: Path | None, depth: int) -> None:
+    """Check one picture an SVG embeds or refers to: a raster one is at most
+    MAX_SVG_IMAGE_PIXELS (read from its header), an SVG one is checked in turn."""
+    if is_svg(payload):
+        _check_references(payload, f"{origin} ({what})", folder, depth + 1)
+        return
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(payload)) as img:
+                width, height = img.size
+    except Image.DecompressionBombError:
+        width = height = MAX_SVG_IMAGE_PIXELS  # more than Pillow opens: too large either way
+    except Exception:
+        return  # not a picture Pillow knows: resvg skips what it cannot decode either
+    if width * height > MAX_SVG_IMAGE_PIXELS:
+        raise DecodeError(
+            f"{origin}: SVG embeds {what}, a picture of {width} x {height} pixels, more than the "
+            f"{MAX_SVG_IMAGE_PIXELS:,} the rasteriser decodes; downscale it"
+        )
+
+
+def _check_references(data: bytes, origin: str, folder: Path | None, depth: int = 0) -> None:
+    """Refuse what would make resvg read outside the SVG and its folder or
+    decode an unbounded picture: an `href` that is an absolute path or climbs
+    out with `..`; a raster picture (embedded as a data: URL, or a file beside
+    the SVG) over MAX_SVG_IMAGE_PIXELS; SVG nested deeper than 4. Fragment
+    references (`#id`) are the SVG's own. The XML is parsed with the standard
+    library's expat, which expands no external entity and bounds entity
+    expansion."""
+    if depth > 4:
+        raise DecodeError(f"{origin}: SVG nests SVG pictures more than 4 deep; flatten it")
+    try:
+        root = ElementTree.fromstring(data)
+    except ElementTree.ParseError as exc:
+        raise DecodeError(
+            f"{origin}: SVG does not rasterise (not well-formed XML: {exc}); fix or replace the file"
+        ) from exc
+    for element in root.iter():
+        for name in _HREF_ATTRIBUTES:
+            href = (element.get(name) or "").strip()
+            if not href or href.startswith("#"):
+                continue
+            if href[:5].lower() == "data:":
+                try:
+                    with urllib.request.urlopen(href) as response:  # the standard library's data: URL decoder
+                        payload = response.read()
+                except (ValueError, OSError) as exc:
+                    raise DecodeError(f"{origin}: SVG embeds a data: URL that does not decode ({exc})") from exc
+                _referenced_image(payload, "a data: URL", origin, None, depth)
+                continue
+            if "://" in href or href.lower().startswith("file:"):
+                continue  # a URL: resvg fetches none
+            path = PurePosixPath(href)
+            if path.is_absolute() or ".." in path.parts:
+                raise DecodeError(
+                    f"{origin}: SVG refers to {href[:200]!r}, outside its own folder, which the rasteriser "
+                    "does not read; embed the picture in the SVG (Inkscape: Extensions > Images > Embed Images)"
+                )
+            if folder is not None and (folder / path).is_file():
+                _referenced_image((folder / path).read_bytes(), repr(href), origin, folder, depth)
+
+
+def rasterise_svg(data: bytes, origin: str = "SVG", side: int = SVG_SIDE, folder: Path | None = None) -> bytes:
+    """SVG bytes -> PNG bytes (RGBA, transparent where the SVG draws nothing) with
+    the longest side `side` and the SVG's aspect kept, rendered by resvg.
+
+    `folder` is where the SVG file lies: a picture it refers to by a relative
+    path is read from there (a build passes the file's folder); without one
+    (bytes handed to `decode_image`), none is read, whatever the working
+    directory holds. System fonts are not loaded: the picture is the same on
+    every machine (and an SVG whose only content is text in a font it does not
+    embed renders nothing, which is refused). Raises DecodeError naming `origin`
+    for a file that is too large, not UTF-8, not well-formed, of zero size,
+    refers outside its folder (`_check_references`), or draws nothing."""
+    if len(data) > MAX_SVG_BYTES:
+        raise DecodeError(
+            f"{origin}: SVG of {len(data):,} bytes is larger than the {MAX_SVG_BYTES:,} the rasteriser reads; "
+            "simplify it or convert it to PNG"
+        )
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DecodeError(f"{origin}: SVG is not UTF-8 ({exc}); re-save it as UTF-8") from exc
+    _check_references(data.removeprefix(_BOM), origin, folder)
+    with contextlib.ExitStack() as stack:
+        resources = str(folder) if folder is not None else stack.enter_context(tempfile.TemporaryDirectory())
+        try:
+            png = resvg_py.svg_to_bytes(
+                svg_string=text, width=side, height=side, dpi=SVG_DPI, skip_system_fonts=True, resources_dir=resources
+            )
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:  # ValueError for bad SVG; pyo3 reports a Rust panic as a BaseException
+            raise DecodeError(
+                f"{origin}: SVG does not rasterise ({type(exc).__name__}: {exc}); fix or replace the file"
+            ) from exc
+    with Image.open(io.BytesIO(png)) as img:
+        if img.getchannel("A").getbbox() is None:
+            raise DecodeError(
+                f"{origin}: SVG renders nothing (every pixel transparent at {img.width} x {img.height}; "
+                "text in a font it does not embed?); convert its text to paths or use a PNG"
+            )
+    return bytes(png)
+
+
+def decode_image(data: bytes, size: int, origin: str = "image") -> torch.Tensor:
+    """PNG/JPEG/WebP or SVG bytes -> float [3, size, size] in [-1, 1].
+
+    SVG (detected by content, `is_svg`) is rasterised as a build stores it
+    (`rasterise_svg`, longest side SVG_SIDE), then decoded as that PNG; `origin`
+    names the file in an SVG's errors."""
+    if is_svg(data):
+        data = rasterise_svg(data, origin)
     try:
         with Image.open(io.BytesIO(data)) as opened:
             img: Image.Image = opened

@@ -162,9 +162,17 @@ class ShardStream(IterableDataset):
     Batches come out in wire form (small fields as numpy, see `_to_wire`);
     `BatchLoader` hands them out in the batch contract."""
 
-    def __init__(self, cfg: DataConfig, rank: int, world_size: int, state: LoaderState | None = None):
+    def __init__(
+        self,
+        cfg: DataConfig,
+        rank: int,
+        world_size: int,
+        state: LoaderState | None = None,
+        undecoded: frozenset[str] = frozenset(),
+    ):
         super().__init__()
         self.cfg = cfg
+        self.undecoded = undecoded  # present but never decoded (see SampleDecoder)
         self.split = open_split(cfg.shards, cfg.tokenizer)
         self.rank, self.world_size = rank, world_size
         self.num_roles = max(cfg.num_workers, 1)
@@ -209,7 +217,7 @@ class ShardStream(IterableDataset):
         return raw
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        decoder = SampleDecoder(self.cfg, self.split.tokenizer_json, impose_missing=True)
+        decoder = SampleDecoder(self.cfg, self.split.tokenizer_json, impose_missing=True, undecoded=self.undecoded)
         role = self._role()
         reader = self.rank * self.num_roles + role
         epoch, offset = self.state.roles.get(role, (0, 0))
@@ -257,13 +265,21 @@ class ShardStream(IterableDataset):
 class BatchLoader:
     """A DataLoader over `ShardStream` that records the position of what it handed out."""
 
-    def __init__(self, cfg: DataConfig, rank: int, world_size: int, state: LoaderState | None = None):
+    def __init__(
+        self,
+        cfg: DataConfig,
+        rank: int,
+        world_size: int,
+        state: LoaderState | None = None,
+        undecoded: frozenset[str] = frozenset(),
+    ):
+        """`undecoded`: modalities whose bytes are not decoded (present only; see SampleDecoder)."""
         self.cfg = cfg
         self.state = LoaderState.from_dict(state.to_dict()) if state else LoaderState()
         self._carry = {role: list(items) for role, items in self.state.carry.items()}  # as the stream starts
         self.in_carry = False
         # The stream gets its own copy: it reads where to start, we record where we are.
-        self.dataset = ShardStream(cfg, rank, world_size, LoaderState.from_dict(self.state.to_dict()))
+        self.dataset = ShardStream(cfg, rank, world_size, LoaderState.from_dict(self.state.to_dict()), undecoded)
         self.loader = DataLoader(
             self.dataset,
             batch_size=None,
@@ -325,18 +341,26 @@ def _close_open_loaders() -> None:
 
 
 def iterate_split(
-    cfg: DataConfig, split_dir: str | Path, batch_size: int, bad: BadInputLog | None = None
+    cfg: DataConfig,
+    split_dir: str | Path,
+    batch_size: int,
+    bad: BadInputLog | None = None,
+    *,
+    undecoded: frozenset[str] = frozenset(),
+    shard_part: tuple[int, int] = (0, 1),
 ) -> Iterator[dict[str, Any]]:
     """One ordered pass over every sample of a split, in one process (evaluation).
 
     Bad samples are counted in `bad` and skipped. The last batch is padded
-    with absent rows (their `key` is "")."""
+    with absent rows (their `key` is ""). `undecoded` modalities are marked
+    present but not decoded; `shard_part` (i, n) reads only shards i, i + n, ..."""
     split = open_split(split_dir, cfg.tokenizer)
-    decoder = SampleDecoder(cfg, split.tokenizer_json)
+    decoder = SampleDecoder(cfg, split.tokenizer_json, undecoded=undecoded)
     audio = AudioFormat(cfg.sample_rate, cfg.audio_seconds, cfg.n_mels, cfg.n_fft, cfg.hop_length)
     bad = bad if bad is not None else BadInputLog()
     pending: list[dict[str, Any]] = []
-    for raw in raw_samples(split.shards, bad, split.count_of, split.layout_of):
+    part, parts = shard_part
+    for raw in raw_samples(split.shards[part::parts], bad, split.count_of, split.layout_of):
         try:
             pending.append(decoder(raw))
         except DataError as exc:

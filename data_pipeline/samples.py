@@ -36,9 +36,18 @@ from data_pipeline.tokenizer import load_tokenizer
 class SampleDecoder:
     """Raw tar sample (dict of bytes) -> decoded tensors + present mask."""
 
-    def __init__(self, cfg: DataConfig, tokenizer_json: str, impose_missing: bool = False):
-        """`impose_missing`: hide `cfg.extra_missing` of the modalities (training streams only)."""
+    def __init__(
+        self,
+        cfg: DataConfig,
+        tokenizer_json: str,
+        impose_missing: bool = False,
+        undecoded: frozenset[str] = frozenset(),
+    ):
+        """`impose_missing`: hide `cfg.extra_missing` of the modalities (training streams only);
+        `undecoded`: modalities marked present when the sample holds them but never decoded
+        (a frozen tower's outputs come from a feature cache instead: pretrain/feature_cache.py)."""
         self.cfg = cfg
+        self.undecoded = frozenset(undecoded)
         self.impose_missing = impose_missing and cfg.extra_missing > 0
         self.tokenizer = load_tokenizer(tokenizer_json, cfg.max_text_len)
         self.audio = AudioFormat(cfg.sample_rate, cfg.audio_seconds, cfg.n_mels, cfg.n_fft, cfg.hop_length)
@@ -89,14 +98,15 @@ class SampleDecoder:
                     self.cfg.extra_missing_mode,
                 )
                 image, text, audio = (v if k else None for v, k in zip((image, text, audio), keep))
-            if image is not None:
+            skip = self.undecoded
+            if image is not None and "image" not in skip:
                 out["image"] = decode_image(image, self.cfg.image_size)
-            if text is not None:  # id lists: `collate` makes one tensor of the batch's
+            if text is not None and "text" not in skip:  # id lists: `collate` makes one tensor of the batch's
                 enc = self.tokenizer.encode(decode_text(text))
                 out["text"], out["text_mask"] = enc.ids, enc.attention_mask
-            if audio is not None:  # the waveform: `collate` computes the batch's log-mels in one call
+            if audio is not None and "audio" not in skip:  # the waveform: `collate` computes the log-mels
                 out["audio"] = decode_waveform(audio, self.audio)
-            out["present"] = [m in out for m in MODALITIES]
+            out["present"] = [v is not None for v in (image, text, audio)]
             out["label"] = int(meta.get("label", -1))
             return out
         except (DecodeError, json.JSONDecodeError, UnicodeDecodeError) as exc:

@@ -38,6 +38,7 @@ class BadInputLog:
     def __init__(self, start: int = 0, shards: int = 0):
         self.count = start
         self.shards = shards
+        self.first = ""  # the first message logged (for a summary that names one)
         self._seen: set[str] = set()
 
     def record(self, what: str, message: str, lost: int = 1) -> None:
@@ -46,6 +47,7 @@ class BadInputLog:
             self.shards += 1
         if what not in self._seen:
             self._seen.add(what)
+            self.first = self.first or message
             log.warning("skipped %s", message)
 
 

@@ -67,6 +67,13 @@ def embedding_metrics(
     }
     for a, b in permutations(MODALITIES, 2):
         results["retrieval"][f"{a}->{b}"] = retrieval_metrics(emb[a][complete], emb[b][complete])
+    # Every item holding both modalities of a pair (more items than the complete ones: the
+    # number a user of one pair, e.g. image <-> text search, would see).
+    results["pair_retrieval"] = {}
+    for a, b in permutations(MODALITIES, 2):
+        both = present[:, MODALITIES.index(a)] & present[:, MODALITIES.index(b)]
+        if int(both.sum()) > 1:
+            results["pair_retrieval"][f"{a}->{b}"] = retrieval_metrics(emb[a][both], emb[b][both])
     r1 = [v["R@1"] for v in results["retrieval"].values()]
     results["mean_R@1"] = sum(r1) / len(r1) if r1 else float("nan")
     if int(complete.sum()) > 1:

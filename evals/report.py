@@ -9,13 +9,33 @@ from typing import Any
 from data_pipeline.atomic import atomic_write
 from evals.plots import plot_eval
 
+RETRIEVAL_HEADER = [
+    "| query -> key | n | R@1 | chance R@1 | R@5 | R@10 | median rank |",
+    "|---|---|---|---|---|---|---|",
+]
+
+
+def _retrieval_row(name: str, m: dict[str, float]) -> str:
+    n = int(m.get("n", 0))
+    chance = m.get("chance_R@1", 1.0 / n if n else float("nan"))
+    return (
+        f"| {name} | {n} | {m['R@1']:.3f} | {chance:.3f} | {m['R@5']:.3f} | {m['R@10']:.3f} | {m['median_rank']:.0f} |"
+    )
+
 
 def markdown_table(results: dict[str, Any]) -> str:
-    lines = ["| query -> key | R@1 | R@5 | R@10 | median rank |", "|---|---|---|---|---|"]
+    """The evaluation for people; every retrieval row names the items it ranks (n) and chance."""
+    lines = [f"Retrieval among the {results.get('num_complete', '?')} complete instances (n keys each):", ""]
+    lines += RETRIEVAL_HEADER
     for pair, m in results["retrieval"].items():
-        lines.append(f"| {pair} | {m['R@1']:.3f} | {m['R@5']:.3f} | {m['R@10']:.3f} | {m['median_rank']:.0f} |")
+        lines.append(_retrieval_row(pair, m))
     for rule, m in results.get("joint_retrieval", {}).items():
-        lines.append(f"| {rule} | {m['R@1']:.3f} | {m['R@5']:.3f} | {m['R@10']:.3f} | {m['median_rank']:.0f} |")
+        lines.append(_retrieval_row(rule, m))
+    if results.get("pair_retrieval"):
+        lines += ["", "Retrieval among every instance holding both modalities of the pair:", ""]
+        lines += RETRIEVAL_HEADER
+        for pair, m in results["pair_retrieval"].items():
+            lines.append(_retrieval_row(pair, m))
     if "positive_cosine" in results:
         cosines = ", ".join(f"{pair} {value:+.3f}" for pair, value in results["positive_cosine"].items())
         lines += ["", f"Mean cosine of the positives (a negative one is a flipped sign): {cosines}"]

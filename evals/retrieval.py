@@ -35,6 +35,7 @@ def metrics_from_ranks(ranks: torch.Tensor, ks: tuple[int, ...] = (1, 5, 10)) ->
     out = {f"R@{k}": float((ranks <= k).float().mean()) for k in ks}
     out["median_rank"] = float(ranks.float().median())
     out["n"] = int(ranks.numel())
+    out["chance_R@1"] = 1.0 / max(int(ranks.numel()), 1)  # a random ranking's R@1 over these n keys
     return out
 
 

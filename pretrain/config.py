@@ -50,6 +50,10 @@ class ModelConfig:
     # rows with `nonzero`, a host sync on a GPU. Towers with batch statistics (BatchNorm in
     # train mode) would see the absent rows' placeholder inputs.
     dense_encode: bool = False
+    # Compute each frozen tower's outputs once per sample of the training split (before the
+    # first step, shared by the ranks, cached on disk by content) and train the heads on them:
+    # the loader then never decodes those modalities (pretrain/feature_cache.py).
+    cache_frozen: bool = False
 
 
 @dataclass
@@ -176,6 +180,11 @@ class Config:
             (t.collective_timeout_s > 0, "train.collective_timeout_s", "must be positive"),
             (t.preempt_grace_s > 0, "train.preempt_grace_s", "must be positive"),
             (0 <= t.warmup_steps <= t.steps, "train.warmup_steps", "must lie in [0, train.steps]"),
+            (
+                not self.model.cache_frozen or any(getattr(self.model, m).freeze for m in MODALITIES),
+                "model.cache_frozen",
+                "needs a frozen tower (model.<modality>.freeze: true)",
+            ),
             (self.data.batch_size >= 1, "data.batch_size", "must be >= 1"),
             (self.data.num_workers >= 0, "data.num_workers", "must be >= 0"),
             (0.0 <= self.data.extra_missing <= 1.0, "data.extra_missing", "must lie in [0, 1]"),

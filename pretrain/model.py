@@ -14,6 +14,11 @@ from pretrain.config import Config, ModelConfig
 from pretrain.rng import seed_everything
 from pretrain.towers import build_tower
 
+# A batch entry `<modality>_features` [B, F] holds that modality's tower outputs computed
+# beforehand (a frozen tower's feature cache, pretrain/feature_cache.py): `encode` then
+# runs only the head on it. Same values as running the tower; no tower time.
+FEATURES_SUFFIX = "_features"
+
 
 class MultiModalModel(nn.Module):
     def __init__(self, cfg: ModelConfig, data: DataConfig, vocab_size: int):
@@ -52,12 +57,21 @@ class MultiModalModel(nn.Module):
             for k, v in batch.items()
             if isinstance(v, torch.Tensor) and k.startswith(modality)
         }
-        feats = self.heads[modality](self.towers[modality](inputs))
+        feats = self.heads[modality](self.tower_outputs(modality, inputs))
         emb = F.normalize(feats.float(), dim=-1)
         if empty:
             emb = emb * 0.0
         out = emb.new_zeros(present.shape[0], emb.shape[1])
         return out.index_copy(0, rows, emb)
+
+    def tower_outputs(self, modality: str, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """What the head reads: the tower's outputs, or the cached ones when the batch has them."""
+        cached = inputs.get(modality + FEATURES_SUFFIX)
+        if cached is not None:
+            head = self.heads[modality]
+            assert isinstance(head, nn.Linear)
+            return cached.to(head.weight.dtype)
+        return self.towers[modality](inputs)
 
     def _encode_dense(self, modality: str, batch: dict[str, torch.Tensor], present: torch.Tensor) -> torch.Tensor:
         """`encode` with the tower run on every row (`model.dense_encode`): same values on
@@ -73,7 +87,7 @@ class MultiModalModel(nn.Module):
                 if value.dtype == torch.bool:
                     value = value | ~present.view(-1, *([1] * (value.dim() - 1)))
                 inputs[key] = value
-        emb = F.normalize(self.heads[modality](self.towers[modality](inputs)).float(), dim=-1)
+        emb = F.normalize(self.heads[modality](self.tower_outputs(modality, inputs)).float(), dim=-1)
         return torch.where(present.unsqueeze(1), emb, torch.zeros((), dtype=emb.dtype, device=emb.device))
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, object]:

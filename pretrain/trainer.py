@@ -28,6 +28,7 @@ from pretrain.completion import Completion
 from pretrain.config import Config
 from pretrain.distributed import rank, world_size
 from pretrain.engine import build_engine
+from pretrain.feature_cache import FeatureCache, build_feature_cache
 from pretrain.guard import STOP_REQUEST, Decision, Diverged, StepGuard, all_finite, find_skippable
 from pretrain.init_from import load_initial_completion, load_initial_weights
 from pretrain.losses import Objective, create_objective
@@ -53,10 +54,13 @@ class Trainer:
         batches: Iterator[dict[str, Any]] | None = None,
         sinks: Iterable[StepSink] = (),
         read_every: int = 0,
+        feature_cache: FeatureCache | None = None,
     ):
         """`batches` replaces the shard loader (benchmarks feed in-memory batches);
         `read_every` > 0 also reads the step's values every that many steps (a sink
-        that reports between log steps)."""
+        that reports between log steps); `feature_cache` holds frozen towers' outputs
+        (model.cache_frozen): their modalities are not decoded, the heads read the cache."""
+        self.feature_cache = feature_cache
         self.cfg, self.run_dir, self.device = cfg, run_dir, device
         self.engine, self.objective, self.completion = engine, objective, completion
         self.rank, self.world = rank(), world_size()
@@ -205,6 +209,8 @@ class Trainer:
             t0 = time.perf_counter()
             self.guard.beat(step, "waiting for data")
             batch = next(self.batches)
+            if self.feature_cache is not None:
+                batch = self.feature_cache.attach(batch)
             self.guard.beat(step, "forward and backward")
             data_wait += time.perf_counter() - t0
             # Host-side counts from the loader's CPU mask (numpy(): host memory only, never a
@@ -302,7 +308,8 @@ class Trainer:
         if self._external_batches is not None:
             self.batches = self._external_batches
         else:
-            self.batches = BatchLoader(cfg.data, self.rank, self.world, self.loader_state)
+            cached = frozenset(self.feature_cache.modalities if self.feature_cache is not None else ())
+            self.batches = BatchLoader(cfg.data, self.rank, self.world, self.loader_state, undecoded=cached)
         history: list[StepResult] = []
         self._read_next = True
         self.engine.train()
@@ -369,11 +376,23 @@ def build_trainer(
         load_initial_weights(model, cfg.train)
         if cfg.train.init_calibrator:
             load_initial_completion(completion, cfg.train)
+    # Frozen towers' outputs over the training split, once (model.cache_frozen), before
+    # DeepSpeed takes the model (under ZeRO-3 its weights are partitioned afterwards).
+    feature_cache = build_feature_cache(model, cfg, device, rank(), world_size()) if batches is None else None
     engine = build_engine(model, cfg, world_size())
     objective = create_objective(cfg.loss)
     completion = completion.to(device)
     trainer = Trainer(
-        cfg, run_dir, engine, objective, completion, device, batches=batches, sinks=sinks, read_every=read_every
+        cfg,
+        run_dir,
+        engine,
+        objective,
+        completion,
+        device,
+        batches=batches,
+        sinks=sinks,
+        read_every=read_every,
+        feature_cache=feature_cache,
     )
     seed_everything(cfg.train.seed + 1000 * rank())  # per-rank draws from here on (dropout, fill-ins)
     return trainer

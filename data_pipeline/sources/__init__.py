@@ -10,7 +10,7 @@ half of a data set.
 
 Every source writes the same sample format (see `common.py`): `KEY.json`
 metadata, `KEY.png|jpg|webp`, `KEY.txt` (an English caption) and any number of
-audio tracks `KEY.audio{i}.{ogg,flac,wav}` listed in the metadata's
+audio tracks `KEY.audio{i}.{ogg,flac,wav,mp3}` listed in the metadata's
 `audio_tracks`.
 """
 

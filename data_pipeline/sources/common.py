@@ -3,13 +3,19 @@ modality, assembling a sample, and writing train/val/test plus the tokenizer.
 
 A sample written by a source is
     KEY.json                 metadata (below)
-    KEY.png|jpg|webp         the image bytes as found (other formats re-encoded to PNG)
+    KEY.png|jpg|webp         the image bytes as found (other formats re-encoded to PNG;
+                             SVG rasterised to PNG, `rasterise_svg`)
     KEY.txt                  the English caption, UTF-8, never empty
-    KEY.audio{i}.ogg|flac|wav  audio track i, the original container kept
+    KEY.audio{i}.ogg|flac|wav|mp3  audio track i, the original container kept
 and its metadata holds `source`, `split`, `label` (-1: none), `modalities`
 (a subset of image, text, audio in that order; audio iff there is a track) and
 `audio_tracks`: [{"name": "audio0.ogg", "kind": ..., "lang": ..., "file": ...,
 "sample_rate": ..., "channels": ..., "seconds": ...}] in entry order.
+
+An SVG picture (found by content, `decode.is_svg`) is rasterised by resvg to a
+longest side of `decode.SVG_SIDE` (512) and stored as PNG with alpha, its
+metadata saying `rasterised_from: "svg"`; one that does not rasterise is
+`bad_svg`.
 
 A file that does not decode costs its record only that modality (`Dropped`:
 `MODALITY_absent` and `dropped` in the metadata, `build.dropped` in every
@@ -40,6 +46,7 @@ from tqdm import tqdm
 
 from data_pipeline.atomic import atomic_write
 from data_pipeline.contract import pattern_name
+from data_pipeline.decode import DecodeError, is_svg, rasterise_svg
 from data_pipeline.shards import ShardSetWriter
 from data_pipeline.sources import (
     DEFAULT_SPLIT_FRACTIONS,
@@ -52,8 +59,8 @@ from data_pipeline.sources import (
 )
 from data_pipeline.tokenizer import train_tokenizer
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-AUDIO_SUFFIXES = (".ogg", ".flac", ".wav")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".svg")
+AUDIO_SUFFIXES = (".ogg", ".flac", ".wav", ".mp3")
 TEXT_SUFFIXES = (".txt",)
 # Image formats the reader decodes as stored; anything else is re-encoded to PNG.
 STORED_IMAGE_FORMATS = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp"}
@@ -134,7 +141,11 @@ def _pixel_limit() -> Iterator[None]:
 
 
 def check_image(
-    data: bytes, origin: str, max_side: int = MAX_IMAGE_SIDE, max_pixels: int = MAX_DECODE_PIXELS
+    data: bytes,
+    origin: str,
+    max_side: int = MAX_IMAGE_SIDE,
+    max_pixels: int = MAX_DECODE_PIXELS,
+    folder: Path | None = None,
 ) -> tuple[str, bytes, dict[str, Any]]:
     """Decode fully; return (entry extension, bytes to store, info).
 
@@ -142,7 +153,19 @@ def check_image(
     decoded at a reduced scale with `draft`, then `thumbnail`) and stored
     re-encoded (JPEG stays JPEG, anything else becomes PNG); `info` then holds
     its `original_size`. One with more than `max_pixels` to decode raises
-    BadRecord("image_too_large")."""
+    BadRecord("image_too_large").
+
+    SVG bytes are first rasterised (`rasterise_svg`: longest side SVG_SIDE, alpha
+    kept; a picture it refers to by a relative path is read from `folder`, the
+    file's own) and the PNG is what is checked and stored; `info` then holds
+    `rasterised_from: "svg"`. One that does not rasterise raises
+    BadRecord("bad_svg") naming `origin`."""
+    rasterised = is_svg(data)
+    if rasterised:
+        try:
+            data = rasterise_svg(data, origin, folder=folder)
+        except DecodeError as exc:
+            raise BadRecord("bad_svg", f"{exc}, {SKIP_BAD_HINT}") from exc
     try:
         with _pixel_limit(), Image.open(io.BytesIO(data)) as img:
             fmt, original = img.format, img.size
@@ -182,6 +205,8 @@ def check_image(
     info: dict[str, Any] = {"width": width, "height": height, "mode": mode, "has_alpha": has_alpha, "format": fmt}
     if too_big:
         info["original_size"] = list(original)
+    if rasterised:
+        info["rasterised_from"] = "svg"
     return ext, data, info
 
 
@@ -233,7 +258,7 @@ def read_file(path: Path, origin: str) -> bytes:
 @dataclass
 class Track:
     data: bytes
-    ext: str  # ogg | flac | wav
+    ext: str  # ogg | flac | wav | mp3
     kind: str | None  # effect | description | speech | ... (None: not known)
     lang: str | None
     info: dict[str, Any] = field(default_factory=dict)  # file, sample_rate, channels, seconds
@@ -271,7 +296,7 @@ class Dropped:
         checked = self.attempt(
             "image",
             file,
-            lambda: check_image(read_file(path, file), origin, opts.max_image_side, opts.max_image_pixels),
+            lambda: check_image(read_file(path, file), origin, opts.max_image_side, opts.max_image_pixels, path.parent),
         )
         if checked is None:
             return None

@@ -4,11 +4,13 @@
     DIR/cats/cat7.jpg                                           -> record "cats/cat7", image only
     DIR/misc.txt                                                -> record "misc", no label (-1)
 
-- image: .png .jpg .jpeg .webp (stored as they are) or .bmp .gif .tif .tiff
-  (re-encoded to PNG); two images with one stem are an error (which one?).
+- image: .png .jpg .jpeg .webp (stored as they are), .bmp .gif .tif .tiff
+  (re-encoded to PNG) or .svg (rasterised to a longest side of 512 with alpha,
+  stored as PNG: common.check_image); two images with one stem are an error
+  (which one?).
 - text: .txt, UTF-8, the whole file stripped. An empty or blank caption file
   means the text is absent (counted in `build.empty_captions`), not an error.
-- audio: .ogg .flac .wav; several files with one stem (dog1.ogg, dog1.wav)
+- audio: .ogg .flac .wav .mp3 (any sample rate); several files with one stem (dog1.ogg, dog1.wav)
   are several tracks of the record (kind and lang unknown: null).
 - label: the first-level subfolder; records directly in DIR have label -1.
   `classes` in the index lists the subfolder names, sorted.
@@ -115,7 +117,7 @@ def build_folder(opts: BuildOptions) -> BuildReport:
     reject_synthetic_flags(opts, "folder")
     if opts.input is None:
         raise SourceError(
-            "--source folder needs --input DIR (a folder of NAME.png/.jpg, NAME.txt, NAME.wav/.ogg/.flac)"
+            "--source folder needs --input DIR (a folder of NAME.png/.jpg/.svg, NAME.txt, NAME.wav/.ogg/.flac/.mp3)"
         )
     root = Path(opts.input)
     if not root.is_dir():

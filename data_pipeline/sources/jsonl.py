@@ -4,13 +4,15 @@
     {"caption": "only text", "label": "cat"}
     {"image": "img/cat.jpg", "audio": ["a.ogg", {"path": "b.wav", "kind": "speech", "lang": "fr"}]}
 
-Every field is optional: `image` (path), `caption` (text; "" or blank = absent,
-counted), `audio` (a path, or a list of paths / {"path", "kind", "lang"}
-objects: several tracks), `label` (a class name, or an integer class id; one
-kind per manifest), `id` (the record's name; default: the image path, else the
-first audio path, else the caption) and `meta` (an object kept in the
-metadata). Paths are relative to the manifest's folder. Any other field is an
-error (a typo would otherwise drop a modality silently). Blank lines are skipped.
+Every field is optional: `image` (a path: PNG, JPEG, WebP stored as they are,
+other Pillow formats re-encoded to PNG, SVG rasterised to PNG), `caption`
+(text; "" or blank = absent, counted), `audio` (WAV, FLAC, OGG or MP3 at any
+sample rate: a path, or a list of paths / {"path", "kind", "lang"} objects:
+several tracks), `label` (a class name, or an integer class id; one kind per
+manifest), `id` (the record's name; default: the image path, else the first
+audio path, else the caption) and `meta` (an object kept in the metadata).
+Paths are relative to the manifest's folder. Any other field is an error (a
+typo would otherwise drop a modality silently). Blank lines are skipped.
 
 Lines with the same id (e.g. one image with five captions) go to the same
 split and get keys `name`, `name-1`, ... Errors name the line and the file;
@@ -133,7 +135,7 @@ def _load(
 
     def load_image(rel: str) -> tuple[str, bytes, dict[str, Any]]:
         path, origin = resolve(rel, "image")
-        return check_image(read_file(path, origin), origin, opts.max_image_side, opts.max_image_pixels)
+        return check_image(read_file(path, origin), origin, opts.max_image_side, opts.max_image_pixels, path.parent)
 
     image = None
     if obj.get("image"):

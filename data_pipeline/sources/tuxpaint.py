@@ -3,9 +3,15 @@
 A stamp is a file stem in a folder under `stamps/<category>/...` with a picture
 (`NAME.png` and/or `NAME.svg`) or a caption file (`NAME.txt`). Its parts:
 - image: the PNG bytes as shipped (real sizes, mostly RGBA/LA with a
-  transparent background). SVG is not rasterised (that would need a system
-  library): a stamp with only `NAME.svg` has its image absent, recorded as
-  `image_absent: "svg_only"`; one with neither has `"no_image_file"`.
+  transparent background); a stamp with both `NAME.png` and `NAME.svg` keeps
+  its PNG. A stamp with only `NAME.svg` gets it rasterised by resvg (the
+  `resvg-py` wheel, no system library) to a longest side of 512 with alpha,
+  stored as PNG, its metadata `image: {"file": "....svg", "rasterised_from":
+  "svg", "width", "height", ...}`; an SVG that does not rasterise leaves the
+  image absent (`image_absent: "bad_svg"`, in `dropped`). A stamp with neither
+  has `image_absent: "no_image_file"`. `build.images` in the index counts the
+  stamps by what their picture came from: `png`, `png+svg` (the PNG kept),
+  `svg_rasterised`, `svg_not_rasterised`, `no_image_file`.
   `NAME_mirror.png` / `NAME_flip.png` are Tux Paint's alternate pictures of the
   same stamp, not stamps: they are counted and listed in `alternate_images`.
 - text: the first line of `NAME.txt` (English); the following `LANG.utf8=...`
@@ -38,6 +44,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -70,6 +77,8 @@ STAMPS_SUBDIR = Path("usr/share/tuxpaint/stamps")
 APT_LISTS = Path("/var/lib/apt/lists")
 MARKER = "extracted.json"
 ALTERNATE_SUFFIXES = ("_mirror_flip", "_mirror", "_flip")
+# What a stamp's picture came from, counted in the index's `build.images`.
+IMAGE_COUNTS = ("png", "png+svg", "svg_rasterised", "svg_not_rasterised", "no_image_file")
 TRANSLATION_LINE = re.compile(r"^([A-Za-z]{2,3}(?:_[A-Za-z]{2,3})?(?:@[A-Za-z]+)?)\.utf8=(.*)$")
 # Reader policies over the audio tracks whose missing patterns the index reports.
 AUDIO_POLICIES = {
@@ -391,7 +400,13 @@ def scan_stamps(stamps_dir: Path) -> tuple[list[Stamp], list[str]]:
 
 
 def _load_stamp(
-    stamp: Stamp, key: str, label: int, stamps_dir: Path, build: dict[str, Any], opts: BuildOptions
+    stamp: Stamp,
+    key: str,
+    label: int,
+    stamps_dir: Path,
+    build: dict[str, Any],
+    timing: dict[str, float],
+    opts: BuildOptions,
 ) -> dict[str, Any]:
     def rel(p: Path) -> str:
         return str(p.relative_to(stamps_dir))
@@ -406,19 +421,24 @@ def _load_stamp(
     }
     dropped = Dropped()  # a file that does not decode leaves its modality absent, not the stamp
     image = None
-    if stamp.png is not None:
-        png = stamp.png
-        checked = dropped.image(png, rel(png), rel(png), opts)
+    # The shipped PNG when there is one; else the SVG, rasterised (check_image).
+    picture = stamp.png or stamp.svg
+    if picture is not None:
+        started = time.perf_counter()
+        checked = dropped.image(picture, rel(picture), rel(picture), opts)
+        if picture == stamp.svg:
+            timing["svg_rasterise_seconds"] += time.perf_counter() - started
+            build["images"]["svg_rasterised" if checked is not None else "svg_not_rasterised"] += 1
         if checked is not None:
             image, info = checked
-            meta["image"] = {"file": rel(png), **info}
+            meta["image"] = {"file": rel(picture), **info}
             build["image_modes"][info["mode"]] += 1
             build["image_with_alpha"] += int(info["has_alpha"])
             sizes = build["image_size_range"]
             sizes["min"] = [min(a, b) for a, b in zip(sizes["min"], (info["width"], info["height"]))]
             sizes["max"] = [max(a, b) for a, b in zip(sizes["max"], (info["width"], info["height"]))]
     else:
-        meta["image_absent"] = "svg_only" if stamp.svg is not None else "no_image_file"
+        meta["image_absent"] = "no_image_file"
     if stamp.svg is not None:
         meta["svg_file"] = rel(stamp.svg)
     meta["alternate_images"] = [rel(p) for p in stamp.alternates]
@@ -473,20 +493,27 @@ def build_tuxpaint(opts: BuildOptions) -> BuildReport:
             "--source tuxpaint takes no --input, --num-samples or --image-size "
             "(the package is the input; --cache says where it is kept)"
         )
-    package = prepare_package(opts.cache)
+    return build_stamps(opts, prepare_package(opts.cache))
+
+
+def build_stamps(opts: BuildOptions, package: PreparedPackage) -> BuildReport:
+    """Write the stamps of an extracted package (`prepare_package`) as shards."""
     stamps_dir = package.stamps_dir
     stamps, orphans = scan_stamps(stamps_dir)
     classes, class_id = label_classes(s.category for s in stamps)
     make_key = KeyMaker()
+    images: Counter[str] = Counter(dict.fromkeys(IMAGE_COUNTS, 0))
+    # svg_rasterised / svg_not_rasterised are counted as the SVG-only stamps load.
+    images.update(
+        "png+svg" if s.png and s.svg else "png" if s.png else "no_image_file" for s in stamps if not s.svg or s.png
+    )
+    # The summary's, not the index's: an index does not change with the machine.
+    timing = {"svg_rasterise_seconds": 0.0}
     build: dict[str, Any] = {
         "package": {"name": package.info.name, "version": package.info.version, "sha256": package.info.sha256},
         "stamps": len(stamps),
-        "images": dict(
-            Counter(
-                "png+svg" if s.png and s.svg else "png" if s.png else "svg_only" if s.svg else "no_image_file"
-                for s in stamps
-            )
-        ),
+        # svg_rasterised / svg_not_rasterised are counted as the SVG-only stamps load.
+        "images": images,
         "alternate_images_skipped": sum(len(s.alternates) for s in stamps),
         "orphan_audio_files": orphans,
         "caption_lines_unparsed": 0,
@@ -502,7 +529,7 @@ def build_tuxpaint(opts: BuildOptions) -> BuildReport:
         key = make_key(stamp.rel)
         label = class_id[stamp.category]
         records.append(
-            Record(key, _split_group(stamp), partial(_load_stamp, stamp, key, label, stamps_dir, build, opts))
+            Record(key, _split_group(stamp), partial(_load_stamp, stamp, key, label, stamps_dir, build, timing, opts))
         )
     extra = {
         "num_classes": len(classes),
@@ -521,15 +548,16 @@ def build_tuxpaint(opts: BuildOptions) -> BuildReport:
     n_desc_other = sum(v for k, v in tracks.items() if k.startswith("description/") and k != "description/en")
     n_eff_loc = sum(v for k, v in tracks.items() if k.startswith("effect/") and k != "effect/-")
     stamps_other = sum(1 for s in stamps if any(k == "description" and lang != "en" for _, k, lang in s.tracks))
-    images = build["images"]
     summary = (
         f"wrote {opts.out} from {package.info.name} {package.info.version}: {len(stamps)} stamps "
         f"({split_summary(result.indexes)}); natural patterns: {format_counts(dict(result.totals))}; "
         f"stamps with a sound effect {with_track['effect/-']}, an English description "
         f"{with_track['description/en']}, another-language description {stamps_other}; tracks: effect "
         f"{tracks['effect/-']} (+{n_eff_loc} localized), description en {tracks['description/en']}, "
-        f"other languages {n_desc_other} ({len(langs_other)} languages); image absent: svg-only "
-        f"{images.get('svg_only', 0)}, no file {images.get('no_image_file', 0)}; not written: "
+        f"other languages {n_desc_other} ({len(langs_other)} languages); images: png {images['png']}, "
+        f"png+svg (png kept) {images['png+svg']}, rasterised from svg {images['svg_rasterised']} "
+        f"(in {timing['svg_rasterise_seconds']:.1f} s), svg not rasterised {images['svg_not_rasterised']}, "
+        f"no file {images['no_image_file']}; not written: "
         f"{build['alternate_images_skipped']} mirror/flip images, {len(orphans)} orphan audio files"
         + (f", skipped {format_counts(dict(result.skipped))}" if result.skipped else "")
         + salvage_summary(result, opts.max_image_side)

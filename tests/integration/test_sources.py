@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile
+import torch
 import webdataset as wds
 from PIL import Image
 
@@ -93,7 +94,12 @@ def test_tuxpaint_index_counts_match_shards(tuxpaint_build):
             assert names == [f"audio{i}.{t['file'].rsplit('.', 1)[1]}" for i, t in enumerate(meta["audio_tracks"])]
             assert meta["modalities"] == [m for m in MODALITIES if m in meta["modalities"]]
             if "png" not in raw:
-                assert meta["image_absent"] in ("svg_only", "no_image_file")
+                assert meta["image_absent"] in ("bad_svg", "no_image_file")
+            elif meta["image"]["file"].endswith(".svg"):
+                assert (
+                    meta["image"]["rasterised_from"] == "svg"
+                    and max(meta["image"]["width"], meta["image"]["height"]) == 512
+                )
             if "txt" in raw:
                 assert raw["txt"].decode().strip() and "\n" not in raw["txt"].decode()
             assert "." not in raw["__key__"]
@@ -114,12 +120,15 @@ def test_tuxpaint_index_counts_match_shards(tuxpaint_build):
     # effects, 65 English and 7341 other-language descriptions). Ranges, so a
     # newer Debian package still passes.
     assert 900 <= sum(totals.values()) <= 1100
-    assert len(totals) >= 3 and totals["image+text+audio"] > 500 and totals["text+audio"] > 50
+    # 2022.06.04-1: 925 complete, 25 image+text, 2 text+audio (SVG-only stamps rasterised)
+    assert len(totals) >= 3 and totals["image+text+audio"] > 800 and totals["text+audio"] >= 1
     assert 100 <= stamps_with["effect/-"] <= 200
     assert 40 <= stamps_with["description/en"] <= 120
     assert tracks["description/fr"] > 600 and sum(v for k, v in tracks.items() if k.startswith("description/")) > 5000
     build = read_index(out / "train")["build"]
-    assert build["images"]["svg_only"] > 0 and build["orphan_audio_files"]
+    images = build["images"]  # 2022.06.04-1: png 702, png+svg 83, svg_rasterised 165, no_image_file 2
+    assert images["svg_rasterised"] > 100 and images["svg_not_rasterised"] == 0 and build["orphan_audio_files"]
+    assert sum(images.values()) == build["stamps"]
     assert "natural patterns" in report.summary and "image+text+audio" in report.summary
 
 
@@ -590,3 +599,169 @@ def test_large_jpeg_is_drafted_down_and_a_picture_over_the_pixel_limit_is_refuse
     assert meta["modalities"] == ["text"] and meta["image_absent"] == "image_too_large"
     assert "1500 x 1000 pixels" in meta["dropped"][0]["error"]
     assert "image image_too_large 1" in report.summary
+
+
+# ---------------------------------------------------------------- every format users have: SVG, JPEG/PNG/WebP, MP3
+
+RED_CIRCLE_SVG = (
+    '<?xml version="1.0" encoding="UTF-8"?>\n<!-- Created with Inkscape -->\n'
+    '<svg xmlns="http://www.w3.org/2000/svg" width="60pt" height="30pt" viewBox="0 0 60 30">'
+    '<circle cx="30" cy="15" r="12" fill="#ff0000"/></svg>'
+)
+
+
+def _mp3(path: Path, rate: int) -> None:
+    """An MP3 written by soundfile itself; skips (saying why) where libsndfile cannot encode MP3."""
+    t = np.arange(int(rate * 0.5)) / rate
+    try:
+        soundfile.write(path, (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32), rate, format="MP3")
+    except (soundfile.LibsndfileError, ValueError, TypeError) as exc:
+        pytest.skip(f"libsndfile {soundfile.__libsndfile_version__} here cannot write MP3 ({exc}); needs 1.1.0+")
+
+
+def _formats_folder(root: Path) -> None:
+    for name, fmt in (("photo_png", "PNG"), ("photo_jpg", "JPEG"), ("photo_webp", "WEBP")):
+        path = root / "photos" / f"{name}.{name.rsplit('_', 1)[1]}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (20, 12), (200, 30, 30)).save(path, format=fmt)
+        (path.with_suffix(".txt")).write_text(f"a red {fmt} picture")
+    (root / "drawings").mkdir()
+    (root / "drawings/circle.svg").write_text(RED_CIRCLE_SVG)
+    (root / "drawings/circle.txt").write_text("a red circle")
+    (root / "drawings/broken.svg").write_text("<svg xmlns='http://www.w3.org/2000/svg' width='10'")
+    (root / "drawings/broken.txt").write_text("a drawing that does not parse")
+    (root / "sounds").mkdir()
+    _mp3(root / "sounds/beep.mp3", 22050)
+    _audio(root / "sounds/beep.wav", "wav", rate=44100, seconds=0.5)
+    (root / "sounds/beep.txt").write_text("a beep, twice")
+
+
+def test_folder_takes_svg_jpeg_png_webp_and_mp3_and_reads_them_back(tmp_path):
+    root = tmp_path / "mydata"
+    _formats_folder(root)
+    out = tmp_path / "out"
+    report = SOURCES["folder"](BuildOptions(out=out, input=root, split_fractions=(1.0, 0.0, 0.0), progress=False))
+    metas = {raw["__key__"]: (raw, meta) for raw, meta in shard_samples(out / "train")}
+    for key, ext in (("photos_photo_png", "png"), ("photos_photo_jpg", "jpg"), ("photos_photo_webp", "webp")):
+        raw, meta = metas[key]
+        assert ext in raw and meta["image"]["width"] == 20 and "rasterised_from" not in meta["image"], key
+    raw, meta = metas["drawings_circle"]
+    with Image.open(io.BytesIO(raw["png"])) as img:  # 60 x 30 pt fitted into 512 x 512, alpha kept
+        assert img.format == "PNG" and img.size == (512, 256) and img.mode == "RGBA"
+        assert img.getpixel((256, 128)) == (255, 0, 0, 255) and img.getchannel("A").getpixel((0, 0)) == 0
+    assert meta["image"]["file"] == "drawings/circle.svg" and meta["image"]["rasterised_from"] == "svg"
+    assert (meta["image"]["width"], meta["image"]["height"]) == (512, 256)
+    raw, meta = metas["drawings_broken"]
+    assert "png" not in raw and meta["modalities"] == ["text"] and meta["image_absent"] == "bad_svg"
+    assert "drawings/broken.svg" in meta["dropped"][0]["error"] and "does not rasterise" in meta["dropped"][0]["error"]
+    assert "image bad_svg 1" in report.summary
+    raw, meta = metas["sounds_beep"]
+    assert [(t["name"], t["sample_rate"]) for t in meta["audio_tracks"]] == [
+        ("audio0.mp3", 22050),
+        ("audio1.wav", 44100),
+    ]
+    assert abs(meta["audio_tracks"][0]["seconds"] - 0.5) < 0.1
+    for policy in ("first", "random"):  # the MP3 track, then either
+        cfg = DataConfig(shards=str(out / "train"), audio_policy=policy, image_size=32)
+        bad = BadInputLog()
+        seen = set()
+        for batch in iterate_split(cfg, out / "train", batch_size=4, bad=bad):
+            for i, key in enumerate(batch["key"]):
+                if not key:
+                    continue
+                seen.add(key)
+                present = tuple(bool(v) for v in batch["present"][i])
+                assert present == mask_of(metas[key][1]), key
+                if key == "drawings_circle":  # the stored PNG decodes: red centre, white (was transparent) corner
+                    assert torch.allclose(batch["image"][i][:, 16, 16], torch.tensor([1.0, -1.0, -1.0]), atol=0.05)
+                    assert torch.allclose(batch["image"][i][:, 0, 0], torch.ones(3))
+                if key.startswith("photos_"):
+                    assert torch.allclose(batch["image"][i][:, 16, 16], torch.tensor([0.57, -0.76, -0.76]), atol=0.1)
+                if key == "sounds_beep":  # 440 Hz from either track, resampled to the config's rate
+                    spectrogram = batch["audio"][i]
+                    assert torch.isfinite(spectrogram).all() and spectrogram.mean(1).argmax() < cfg.n_mels // 3
+        assert bad.count == 0 and seen == set(metas), policy
+
+
+def test_jsonl_takes_an_svg_image_and_an_mp3_track(tmp_path):
+    base = tmp_path / "data"
+    (base / "img").mkdir(parents=True)
+    (base / "img/circle.svg").write_text(RED_CIRCLE_SVG)
+    (base / "snd").mkdir()
+    _mp3(base / "snd/beep.mp3", 22050)
+    # An SVG drawing a picture that lies beside it: read from the SVG's folder, not the working directory.
+    _png(base / "img/green.png", colour=(0, 255, 0), size=(4, 4))
+    (base / "img/framed.svg").write_text(
+        '<svg xmlns="http://www.w3.org/2000/svg" xmlns:xlink="http://www.w3.org/1999/xlink" width="8" height="8">'
+        '<image width="8" height="8" xlink:href="green.png"/></svg>'
+    )
+    lines = [
+        {"image": "img/circle.svg", "caption": "a red circle", "audio": "snd/beep.mp3"},
+        {"image": "img/framed.svg", "caption": "a green square"},
+    ]
+    manifest = _manifest(tmp_path, [json.dumps(line) for line in lines])
+    out = tmp_path / "out"
+    SOURCES["jsonl"](BuildOptions(out=out, input=manifest, split_fractions=(1.0, 0.0, 0.0), progress=False))
+    metas = {raw["__key__"]: (raw, meta) for raw, meta in shard_samples(out / "train")}
+    raw, meta = metas["img_circle_svg"]
+    assert meta["modalities"] == ["image", "text", "audio"] and "png" in raw and "audio0.mp3" in raw
+    assert meta["image"]["rasterised_from"] == "svg" and meta["audio_tracks"][0]["sample_rate"] == 22050
+    with Image.open(io.BytesIO(metas["img_framed_svg"][0]["png"])) as img:
+        assert img.size == (512, 512) and img.convert("RGBA").getpixel((256, 256)) == (0, 255, 0, 255)
+    rows, bad = read_back(out)
+    assert bad.count == 0 and rows == {
+        "img_circle_svg": ((True, True, True), -1),
+        "img_framed_svg": ((True, True, False), -1),
+    }
+
+
+# ---------------------------------------------------------------- tuxpaint's SVG-only stamps, on a package-shaped folder
+
+
+def _stamps_package(tmp_path: Path) -> tuxpaint.PreparedPackage:
+    """A folder shaped like tuxpaint-stamps-default's stamps/ (categories, NAME.png|svg|txt|ogg)."""
+    stamps = tmp_path / "root" / tuxpaint.STAMPS_SUBDIR
+    (stamps / "animals/birds").mkdir(parents=True)
+    (stamps / "shapes").mkdir(parents=True)
+    _png(stamps / "animals/birds/robin.png", mode="RGBA", colour=(200, 30, 30, 255))
+    (stamps / "animals/birds/robin.svg").write_text(RED_CIRCLE_SVG.replace("#ff0000", "#0000ff"))  # png kept
+    (stamps / "animals/birds/robin.txt").write_text("A robin.\nfr.utf8=Un rouge-gorge.\n")
+    (stamps / "shapes/circle.svg").write_text(RED_CIRCLE_SVG)  # SVG only: rasterised
+    (stamps / "shapes/circle.txt").write_text("A red circle.\n")
+    _audio(stamps / "shapes/circle_desc.ogg", "ogg")
+    (stamps / "shapes/broken.svg").write_text("<svg xmlns='http://www.w3.org/2000/svg'><g></svg>")
+    (stamps / "shapes/broken.txt").write_text("A broken drawing.\n")
+    (stamps / "shapes/words.txt").write_text("Only words.\n")  # no picture at all
+    info = tuxpaint.PackageInfo(tuxpaint.PACKAGE, "0-test", "0" * 64, "pool/test.deb", 0)
+    return tuxpaint.PreparedPackage(info, tmp_path / "test.deb", stamps, reused=True)
+
+
+def test_tuxpaint_svg_only_stamp_gets_its_picture_rasterised(tmp_path):
+    out = tmp_path / "out"
+    report = tuxpaint.build_stamps(
+        BuildOptions(out=out, split_fractions=(1.0, 0.0, 0.0), progress=False), _stamps_package(tmp_path)
+    )
+    metas = {meta["stamp"]: (raw, meta) for raw, meta in shard_samples(out / "train")}
+    raw, meta = metas["shapes/circle"]
+    assert meta["modalities"] == ["image", "text", "audio"] and meta["image_absent"] is None
+    assert meta["image"]["file"] == "shapes/circle.svg" and meta["image"]["rasterised_from"] == "svg"
+    with Image.open(io.BytesIO(raw["png"])) as img:
+        assert img.size == (512, 256) == (meta["image"]["width"], meta["image"]["height"])
+        assert img.convert("RGBA").getpixel((256, 128)) == (255, 0, 0, 255)
+    raw, meta = metas["animals/birds/robin"]  # PNG and SVG: the shipped PNG, as it was
+    assert raw["png"] == (tmp_path / "root" / tuxpaint.STAMPS_SUBDIR / "animals/birds/robin.png").read_bytes()
+    assert meta["image"]["file"] == "animals/birds/robin.png" and "rasterised_from" not in meta["image"]
+    assert meta["svg_file"] == "animals/birds/robin.svg"
+    raw, meta = metas["shapes/broken"]  # the SVG does not rasterise: image absent, the caption kept
+    assert meta["modalities"] == ["text"] and meta["image_absent"] == "bad_svg"
+    assert meta["dropped"][0]["file"] == "shapes/broken.svg" and "shapes/broken.svg" in meta["dropped"][0]["error"]
+    assert metas["shapes/words"][1]["image_absent"] == "no_image_file"
+    build = read_index(out / "train")["build"]
+    assert build["images"] == {"png": 0, "png+svg": 1, "svg_rasterised": 1, "svg_not_rasterised": 1, "no_image_file": 1}
+    assert build["dropped"] == {"image": {"bad_svg": 1}}
+    assert "rasterised from svg 1 (in " in report.summary and "svg not rasterised 1" in report.summary
+    rows, bad = read_back(out)
+    assert bad.count == 0
+    assert {key: present for key, (present, _) in rows.items()} == {
+        raw["__key__"]: mask_of(meta) for raw, meta in metas.values()
+    }

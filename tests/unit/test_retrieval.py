@@ -34,6 +34,7 @@ def test_perfect_embeddings_score_one():
     keys = F.normalize(torch.randn(20, 16), dim=1)
     m = retrieval_metrics(keys, keys)
     assert m["R@1"] == 1.0 and m["median_rank"] == 1.0
+    assert m["n"] == 20 and m["chance_R@1"] == 1 / 20  # every table shows n and chance beside the metric
 
 
 def _brute_ranks(score) -> list[float]:
