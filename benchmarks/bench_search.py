@@ -11,6 +11,7 @@ For each size, random unit vectors (D=128) are written to a real embeddings file
   the recall the build measured on 256 of the data's own rows (which set nprobe).
 
     python benchmarks/bench_search.py [--sizes 10000,1000000] [--data uniform|clustered] [--threads N]
+    python benchmarks/bench_search.py --blas-crossover --threads 1   # exact search with and without BLAS
 
 `uniform` is what the issue asks (no structure: the hardest case for any approximate index,
 every neighbour barely nearer than the rest); `clustered` (100-row clusters, noise 0.6) is closer
@@ -131,6 +132,23 @@ def bench_size(n: int, data: str, folder: Path) -> list[dict]:
     return results
 
 
+def blas_crossover(n: int) -> None:
+    """Exact search of 1..32 queries one query at a time (faiss's default below 1000 queries of
+    D=128) and by BLAS: where evals.search.BLAS_FROM_QUERIES comes from."""
+    import faiss
+
+    x, q = make_data(n, "uniform")
+    index = faiss.IndexFlatIP(DIM)
+    index.add(x)
+    for nq in (1, 2, 4, 8, 16, 32):
+        cells = []
+        for name, threshold in (("one at a time", 1 << 30), ("BLAS", 1)):
+            faiss.cvar.distance_compute_blas_threshold = threshold
+            ms = timed(partial(index.search, q[:nq], K), 3) * 1e3
+            cells.append(f"{name} {ms:.0f} ms")
+        print(f"[{n:,}] exact, {nq:>2} queries: " + ", ".join(cells), flush=True)
+
+
 def describe(r: dict) -> str:
     rec = "" if r["recall"] is None else f", recall@10 {r['recall']:.3f} (build sample {r['build_recall']:.3f})"
     return (
@@ -144,9 +162,15 @@ def main() -> None:
     parser.add_argument("--sizes", default="10000,1000000")
     parser.add_argument("--data", default="uniform", choices=("uniform", "clustered"))
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument(
+        "--blas-crossover", action="store_true", help="only time exact search of 1-32 queries with and without BLAS"
+    )
     args = parser.parse_args()
     threads = set_threads(args.threads)
     print(f"faiss threads: {threads} (faiss.omp_set_num_threads); D={DIM}, k={K}, data {args.data}", flush=True)
+    if args.blas_crossover:
+        blas_crossover(max(int(s) for s in args.sizes.split(",")))
+        return
     t_start = time.perf_counter()
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-search-") as tmp:
