@@ -377,8 +377,8 @@ def open_index(
         "modality": modality,
         "include_imputed": include_imputed,
     }
-    if kind == "ivf":
-        want["target_recall"] = target_recall
+    if kind == "ivf":  # nprobe was chosen for this recall target at this k
+        want.update(target_recall=target_recall, recall_k=recall_k)
     if not rebuild and info_file.is_file() and index_file.is_file():
         try:
             saved = json.loads(info_file.read_text())

@@ -151,6 +151,8 @@ def test_saved_index_is_reused_while_fresh_and_rebuilt_when_the_file_changes(tmp
     fixed = open_index(path, "image", exact_below=1, log=lines.append)
     assert not fixed.info.reused and any("rebuilding" in line for line in lines)
     assert open_index(path, "image", exact_below=1, log=lambda _: None).info.reused
+    assert not open_index(path, "image", exact_below=1, target_recall=0.5, log=lambda _: None).info.reused
+    assert not open_index(path, "image", exact_below=1, target_recall=0.5, recall_k=5, log=lambda _: None).info.reused
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 
