@@ -6,6 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO_DATA ?= data/tuxpaint
 DEMO_RUN ?= runs/demo
+DEMO_QUERY ?= a red bird
 # DeepSpeed compiles its CPU comm op once; keep the build with the checkout.
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
@@ -30,10 +31,16 @@ $(DEMO_DATA)/train/index.json: $(BIN)/.installed
 
 data: $(DEMO_DATA)/train/index.json
 
+# Train over the pretrained towers (frozen, their outputs cached once), evaluate, export,
+# embed the test stamps (completing what each lacks) and search them with one query.
 demo: data
 	rm -rf $(DEMO_RUN)
-	$(BIN)/calmrl train configs/tiny_cpu.yaml --nproc 2 --data.shards=$(DEMO_DATA)/train --train.out_dir=$(DEMO_RUN)
+	$(BIN)/calmrl train configs/demo_cpu.yaml --nproc 2 --data.shards=$(DEMO_DATA)/train --train.out_dir=$(DEMO_RUN)
 	$(BIN)/calmrl eval $(DEMO_RUN) --data $(DEMO_DATA)/test
+	$(BIN)/calmrl export $(DEMO_RUN) --out $(DEMO_RUN)/export
+	$(BIN)/calmrl embed $(DEMO_RUN)/export --input $(DEMO_DATA)/test --out $(DEMO_RUN)/test.parquet --complete
+	$(BIN)/calmrl search $(DEMO_RUN)/export --index $(DEMO_RUN)/test.parquet --query "$(DEMO_QUERY)" \
+		--modality image --k 5 --html $(DEMO_RUN)/search.html --png $(DEMO_RUN)/search.png
 
 # Real servers the integration tests start on loopback (Prometheus, Slurm):
 # Debian packages, installed when missing (needs root or sudo then).
