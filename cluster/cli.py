@@ -450,7 +450,9 @@ def add_search_parser(sub: Any) -> None:
     p.add_argument("--query", default=None, help="text, or a path to an image, audio or .txt file (by suffix)")
     p.add_argument("--query-image", default=None, metavar="PATH", help="an image file as (part of) the query")
     p.add_argument("--query-audio", default=None, metavar="PATH", help="an audio file as (part of) the query")
-    p.add_argument("--modality", default="image", choices=("image", "text", "audio"), help="rows to search")
+    p.add_argument(
+        "--modality", default="image", choices=("image", "text", "audio"), help="rows to search (default image)"
+    )
     p.add_argument("--k", type=int, default=10, help="neighbours to show (default 10)")
     p.add_argument(
         "--complete",
@@ -470,7 +472,12 @@ def add_search_parser(sub: Any) -> None:
         help="approximate index: the recall@10 against exact that nprobe is raised to reach (default 0.95)",
     )
     p.add_argument("--rebuild", action="store_true", help="build the index again even when the saved one is fresh")
-    p.add_argument("--threads", type=int, default=None, help="faiss threads (default: every core available)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="faiss threads (default: every core available; on a machine shared with other work 1 can be faster)",
+    )
 
 
 def cmd_search(args: argparse.Namespace) -> int:
