@@ -58,13 +58,15 @@ def main() -> None:
                 )
                 full.append(report.records / (time.perf_counter() - t0))
         rows.append((source, records, statistics.median(full), statistics.median(bare)))
-    print(f"| input | records | embed records/s | bare forward records/s | ratio (goal >= 0.8) |")
+    print("| input | records | embed records/s | bare forward records/s | ratio (goal >= 0.8) |")
     print("|---|---|---|---|---|")
     for source, n, full_rate, bare_rate in rows:
         print(f"| {source} | {n} | {full_rate:.1f} | {bare_rate:.1f} | {full_rate / bare_rate:.2f} |")
     worst = min(r[2] / r[3] for r in rows)
-    print(f"embed/bare forward: worst ratio {worst:.2f} over {len(rows)} inputs ({args.workers} decode workers, "
-          f"batch {args.batch_size}, median of {args.repeats})")
+    print(
+        f"embed/bare forward: worst ratio {worst:.2f} over {len(rows)} inputs ({args.workers} decode workers, "
+        f"batch {args.batch_size}, median of {args.repeats})"
+    )
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ calmrl embed MODEL --input DIR|MANIFEST.jsonl|SPLIT|s3://... --out FILE.parquet 
 calmrl launch slurm CONFIG --nodes N --gpus-per-node G [--partition P] [--time T] [--dry-run]
 calmrl launch k8s CONFIG [--workers N] [--gpus-per-worker G] [--image IMAGE] [--out FILE] [--sweep SWEEP.yaml]
 calmrl sweep SWEEP.yaml [--resume | --no-resume]
-calmrl benchmark [--preset P] [--out DIR] [--seeds 0,1] [--rates 0.5,0.7] [--section.key=value ...]"""
+calmrl benchmark [--preset P] [--out DIR] [--seeds 0,1] [--rates 0.5,0.7] [--section.key=value ...]
+calmrl search MODEL --index FILE --query "a red bird" [--modality image|text|audio] [--k 10] [--complete] [--html OUT.html] [--png OUT.png]"""
 
 # The top of the import graph: this module may import every package; nothing
 # imports it. Each command imports what it needs when it runs, so `calmrl --help`
@@ -420,6 +421,136 @@ def cmd_benchmark(args: argparse.Namespace, overrides: list[str] | None = None) 
     return 0
 
 
+SEARCH_EXAMPLES = """examples:
+  calmrl search runs/demo --index emb.parquet --query "a red bird"            # text query, image rows
+  calmrl search runs/demo --index emb.parquet --query bird.png --modality text  # an image file as the query
+  calmrl search export/ --index emb.parquet --query-image bird.png --query "a bird" --complete --html hits.html
+
+The query: --query is text, unless it names an existing file, which is then read by its suffix
+(image: .png .jpg .jpeg .gif .bmp .webp .tif .tiff; audio: .wav .flac .ogg .mp3 .m4a .aiff .aif;
+.txt: its text); --query-image / --query-audio name files. They combine (an image and its caption).
+The query vector: the query's own vector of --modality when it has that modality; else, without
+--complete, its own vector of what it has (the mean if several), compared by cosine across
+modalities; with --complete, the calibrator's imputation of --modality from what it has.
+The index (exact below --exact-below rows, else approximate IVF with nprobe set by measured
+recall) is saved beside FILE (FILE.MODALITY.faiss + .json) and reused while FILE is unchanged."""
+
+
+def add_search_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "search",
+        help="nearest neighbours of a query (text, image, audio) in an embeddings file (faiss)",
+        description="Search the rows of one modality of an embeddings file (`calmrl embed` writes it) "
+        "for the nearest neighbours of a query encoded by MODEL.",
+        epilog=SEARCH_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("model", metavar="MODEL", help="an export folder (calmrl export) or a run folder")
+    p.add_argument("--index", required=True, metavar="FILE", help="the embeddings file (Parquet) to search")
+    p.add_argument("--query", default=None, help="text, or a path to an image, audio or .txt file (by suffix)")
+    p.add_argument("--query-image", default=None, metavar="PATH", help="an image file as (part of) the query")
+    p.add_argument("--query-audio", default=None, metavar="PATH", help="an audio file as (part of) the query")
+    p.add_argument(
+        "--modality", default="image", choices=("image", "text", "audio"), help="rows to search (default image)"
+    )
+    p.add_argument("--k", type=int, default=10, help="neighbours to show (default 10)")
+    p.add_argument(
+        "--complete",
+        action="store_true",
+        help="search with the calibrator's imputed --modality vector of the query (needs a model with one)",
+    )
+    p.add_argument(
+        "--include-imputed", action="store_true", help="also search the rows the calibrator imputed (marked)"
+    )
+    p.add_argument("--html", default=None, metavar="OUT.html", help="write a page of the hits")
+    p.add_argument("--png", default=None, metavar="OUT.png", help="write a grid of the hits' thumbnails")
+    p.add_argument("--exact-below", type=int, default=50_000, help="exact search below this many rows (default 50000)")
+    p.add_argument(
+        "--target-recall",
+        type=float,
+        default=0.95,
+        help="approximate index: the recall@10 against exact that nprobe is raised to reach (default 0.95)",
+    )
+    p.add_argument("--rebuild", action="store_true", help="build the index again even when the saved one is fresh")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="faiss threads (default: every core available; on a machine shared with other work 1 can be faster)",
+    )
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from evals.search import SearchError, open_index, parse_query, query_vector, search, set_threads, text_table
+    from evals.vector_file import VectorFileError, file_meta
+
+    def fail(message: str) -> int:
+        print(f"calmrl search: {message}", file=sys.stderr)
+        return 2
+
+    try:
+        if args.k < 1:
+            raise SearchError(f"--k {args.k}: ask for at least one neighbour")
+        query = parse_query(args.query, args.query_image, args.query_audio)
+        meta = file_meta(args.index)
+        set_threads(args.threads)
+        index = open_index(
+            args.index,
+            args.modality,
+            include_imputed=args.include_imputed,
+            exact_below=args.exact_below,
+            target_recall=args.target_recall,
+            rebuild=args.rebuild,
+            log=lambda line: print(line, file=sys.stderr),
+        )
+        from pretrain.runtime import configure_runtime
+
+        configure_runtime()
+        from pretrain.encoder import Encoder
+
+        try:
+            enc = Encoder.load(args.model, device="cpu")
+        except ValueError as exc:  # ModelLoadError: neither a run folder nor an export
+            raise SearchError(str(exc)) from exc
+        if int(enc.dim) != int(meta["dim"]):
+            raise SearchError(
+                f"{args.model} embeds in {enc.dim} dimensions, {args.index} holds {meta['dim']}: "
+                f"search with the model that wrote it ({meta.get('model', 'named in its metadata')})"
+            )
+        if args.complete and not enc.has_calibrator:
+            raise SearchError(
+                f"--complete: {args.model} has no calibrator to impute {args.modality} with; "
+                "drop --complete (cross-modal cosine) or use a model trained with the calibrator"
+            )
+        try:
+            out = enc.encode(
+                images=[str(query.image)] if query.image is not None else None,
+                texts=[query.text] if query.text is not None else None,
+                audio=[str(query.audio)] if query.audio is not None else None,
+                complete=args.complete,
+            )
+        except (OSError, ValueError) as exc:
+            raise SearchError(f"the query could not be encoded: {exc}") from exc
+        imputed = out.imputed[0].tolist() if args.complete and out.imputed is not None else None
+        emb = {m: v[0] for m, v in out.emb.items()}
+        vector, how = query_vector(emb, out.observed[0].tolist(), imputed, args.modality, args.complete)
+        scores, rows = search(index, vector[None, :], args.k)
+    except (SearchError, VectorFileError) as exc:
+        return fail(str(exc))
+    hits = index.hits(scores[0], rows[0])
+    header = f"{index.info.describe()}\nquery: {query.describe()} -> {how}"
+    print(text_table(hits, header))
+    if args.html:
+        from evals.search import write_html
+
+        print(f"wrote {write_html(args.html, hits, header, query.describe())}")
+    if args.png:
+        from evals.search import write_png
+
+        print(f"wrote {write_png(args.png, hits, query.describe())}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="calmrl", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -505,6 +636,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_k8s_parser(launch)
     add_sweep_parser(sub)
     add_benchmark_parser(sub)
+    add_search_parser(sub)
     return parser
 
 
@@ -539,6 +671,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_data_build(args)
         if args.command == "sweep":
             return cmd_sweep(args)
+        if args.command == "search":
+            return cmd_search(args)
         if args.command == "export":
             return cmd_export(args)
         if args.command == "embed":

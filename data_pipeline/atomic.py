@@ -33,6 +33,17 @@ def _replacing(path: Path) -> Iterator[str]:
         raise
 
 
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary file name beside `path`, for writers that want a name (faiss.write_index):
+    when the block ends the file is flushed to disk and renamed over `path`; on failure removed."""
+    path = Path(path)
+    with _replacing(path) as tmp:
+        yield Path(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+
+
 def atomic_write(path: str | Path, data: bytes | str, mode: int | None = None) -> Path:
     """Write `data` (text is UTF-8 encoded) to `path` atomically; `mode` sets its permissions."""
     path = Path(path)

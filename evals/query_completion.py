@@ -41,7 +41,7 @@ def _paired_interval(a: np.ndarray, b: np.ndarray, seed: int = 0, draws: int = 2
 
 
 def _encode_split(encoder: Encoder, split: str | Path, batch_size: int = 128) -> list[dict[str, Any]]:
-    return [b for b in iterate_split(encoder.cfg.data, split, batch_size)]
+    return list(iterate_split(encoder.cfg.data, split, batch_size))
 
 
 @torch.no_grad()
@@ -72,7 +72,14 @@ def _row(name: str, rows: torch.Tensor, direct, completed, keys) -> dict[str, An
     n = int(rows_idx.numel())
     diff = _paired_interval(with_ <= 1, without <= 1) if n > 1 else (float("nan"),) * 3
     stats = lambda r: {"R@1": float((r <= 1).mean()), "R@5": float((r <= 5).mean()), "median": float(np.median(r))}  # noqa: E731
-    return {"name": name, "n": n, "chance": 1.0 / max(n, 1), "without": stats(without), "with": stats(with_), "diff": diff}
+    return {
+        "name": name,
+        "n": n,
+        "chance": 1.0 / max(n, 1),
+        "without": stats(without),
+        "with": stats(with_),
+        "diff": diff,
+    }
 
 
 def query_completion(encoder: Encoder, split: str | Path) -> list[dict[str, Any]]:

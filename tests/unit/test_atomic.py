@@ -43,3 +43,17 @@ def test_figures_are_written_in_their_suffix_format(tmp_path):
     path = atomic_save_figure(fig, tmp_path / "plot.png", dpi=50)
     plt.close(fig)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_named_temporary_file_is_renamed_in_or_removed(tmp_path):
+    from data_pipeline.atomic import atomic_path
+
+    target = tmp_path / "x.faiss"
+    with atomic_path(target) as tmp:
+        assert tmp.parent == tmp_path and tmp != target and not target.exists()
+        tmp.write_bytes(b"whole")
+    assert target.read_bytes() == b"whole"
+    with pytest.raises(RuntimeError, match="half"), atomic_path(target) as tmp:
+        tmp.write_bytes(b"ha")
+        raise RuntimeError("half written")
+    assert target.read_bytes() == b"whole" and sorted(p.name for p in tmp_path.iterdir()) == ["x.faiss"]
