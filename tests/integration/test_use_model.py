@@ -220,3 +220,34 @@ def test_embed_cli_writes_parquet(trained, tmp_path):
     ]:
         failed = run_cli(*args)
         assert failed.returncode == 2 and message in failed.stderr and "Traceback" not in failed.stderr, failed.stderr
+
+
+def test_search_cli_end_to_end(trained, tmp_path):
+    """embed a folder, then `calmrl search` with a text query: the hits are the brute-force
+    nearest image rows of the query's embedding; --complete searches the imputed image."""
+    files = tmp_path / "files"
+    files.mkdir()
+    for i in range(12):
+        _write_record(files, i)
+    vectors_file = tmp_path / "v.parquet"
+    done = run_cli("embed", str(trained["run"]), "--input", str(files), "--out", str(vectors_file), "--complete")
+    assert done.returncode == 0, done.stderr
+    vectors = read_vectors(vectors_file)
+    images = (vectors.modality == "image") & vectors.observed
+    encoder = Encoder.load(trained["run"])
+    for complete in (False, True):
+        query = encoder.encode(texts=["a red circle"], complete=complete)
+        q = (query.emb["image"] if complete else query.emb["text"])[0].numpy()
+        scores = vectors.vectors[images] @ q
+        expected = [vectors.key[images][i] for i in np.argsort(-scores, kind="stable")[:3]]
+        html = tmp_path / f"hits-{complete}.html"
+        found = run_cli(
+            "search", str(trained["run"]), "--index", str(vectors_file), "--query", "a red circle",
+            "--modality", "image", "--k", "3", "--html", str(html), *(["--complete"] if complete else []),
+        )  # fmt: skip
+        assert found.returncode == 0, found.stderr
+        ranked = [line.split()[2] for line in found.stdout.splitlines() if line.split()[:1] in (["1"], ["2"], ["3"])]
+        assert ranked == expected, found.stdout
+        assert all(key in html.read_text() for key in expected)
+    failed = run_cli("search", str(trained["run"]), "--index", str(tmp_path / "none.parquet"), "--query", "x")
+    assert failed.returncode == 2 and "Traceback" not in failed.stderr
