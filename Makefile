@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO_DATA ?= data/tuxpaint
 DEMO_RUN ?= runs/demo
-DEMO_QUERY ?= a red bird
+DEMO_QUERY ?= a fish
 # DeepSpeed compiles its CPU comm op once; keep the build with the checkout.
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 

@@ -61,7 +61,7 @@ TRAIN_POINTS_PER_LIST = 40  # faiss asks for at least 39 training points per k-m
 # (docs/search.md). This also speeds the exact search behind the IVF recall measurement.
 BLAS_FROM_QUERIES = 4
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".tiff")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".svg")
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3", ".m4a", ".aiff", ".aif")
 TEXT_SUFFIXES = (".txt",)
 
